@@ -1,0 +1,134 @@
+"""The alpha-beta cost model: one implementation for the simulator, ``auto``, benchmarks and the planner.
+
+A message of n bytes costs ``latency + n / bandwidth``. Rounds are lock-step: all messages of a round
+travel at once, a link is full duplex, and a round lasts as long as its busiest link. With several ranks
+per node, ranks on one node talk over a fast intra-node link, while all their traffic to other nodes
+shares the node's single network link (so the two-level tree has something to win).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable
+
+from .schedules import ALGORITHMS, Op, Schedule, chunk_offsets, schedule_for_bytes
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Links of a cluster. Defaults: 10 Gbit/s Ethernet between nodes, PCIe-class links inside a node."""
+
+    latency_s: float = 30e-6
+    bandwidth_Bps: float = 1.25e9
+    ranks_per_node: int = 1
+    intra_latency_s: float = 5e-6
+    intra_bandwidth_Bps: float = 20e9
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth_Bps", "intra_bandwidth_Bps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LinkModel.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("latency_s", "intra_latency_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LinkModel.{name} must be >= 0, got {getattr(self, name)}")
+        if self.ranks_per_node < 1:
+            raise ValueError(f"LinkModel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    @classmethod
+    def from_gbit(cls, gbit_per_s: float, latency_us: float = 30.0, ranks_per_node: int = 1) -> "LinkModel":
+        return cls(latency_s=latency_us * 1e-6, bandwidth_Bps=gbit_per_s * 1e9 / 8, ranks_per_node=ranks_per_node)
+
+
+def round_times(schedule: Schedule, nbytes: int, link: LinkModel, itemsize: int = 4) -> list[float]:
+    """Seconds of each round of ``schedule`` on a buffer of ``nbytes``."""
+    numel = nbytes // itemsize
+    offsets = chunk_offsets(numel, schedule.num_chunks)
+    times = []
+    for t in range(schedule.num_rounds):
+        intra: dict[tuple[int, str], int] = defaultdict(int)  # (rank, direction) -> bytes
+        inter: dict[tuple[int, str], int] = defaultdict(int)  # (node, direction) -> bytes
+        latency = 0.0
+        for rank in range(schedule.world_size):
+            for step in schedule.rounds[rank][t]:
+                size = (offsets[step.hi] - offsets[step.lo]) * itemsize
+                if size == 0:
+                    continue
+                direction = "out" if step.op is Op.SEND else "in"
+                if link.node_of(rank) == link.node_of(step.peer):
+                    intra[(rank, direction)] += size
+                    latency = max(latency, link.intra_latency_s)
+                else:
+                    inter[(link.node_of(rank), direction)] += size
+                    latency = max(latency, link.latency_s)
+        busiest = max(
+            [v / link.intra_bandwidth_Bps for v in intra.values()] + [v / link.bandwidth_Bps for v in inter.values()],
+            default=0.0,
+        )
+        times.append(latency + busiest)
+    return times
+
+
+def schedule_time(schedule: Schedule, nbytes: int, link: LinkModel, itemsize: int = 4) -> float:
+    """Predicted seconds for one all-reduce of ``nbytes`` with ``schedule``."""
+    return sum(round_times(schedule, nbytes, link, itemsize))
+
+
+def predict(
+    algorithm: str,
+    nbytes: int,
+    world_size: int,
+    link: LinkModel,
+    *,
+    arity: int = 2,
+    chunk_bytes: int = 1 << 20,
+    itemsize: int = 4,
+) -> float:
+    """Predicted seconds for a named algorithm (schedules are built and cached on demand)."""
+    if world_size == 1:
+        return 0.0
+    schedule = schedule_for_bytes(
+        algorithm, nbytes, world_size, chunk_bytes=chunk_bytes, arity=arity, ranks_per_node=link.ranks_per_node
+    )
+    return schedule_time(schedule, nbytes, link, itemsize)
+
+
+def best_algorithm(
+    nbytes: int,
+    world_size: int,
+    link: LinkModel,
+    *,
+    arity: int = 2,
+    chunk_bytes: int = 1 << 20,
+    candidates: Iterable[str] = ("tree", "pipelined_tree", "double_tree", "two_level", "ring"),
+) -> str:
+    """The candidate with the lowest predicted time (ties go to the earlier candidate)."""
+    candidates = [c for c in candidates if c in ALGORITHMS]
+    if link.ranks_per_node == 1:
+        candidates = [c for c in candidates if c != "two_level"] or candidates  # identical to pipelined_tree
+    return min(
+        candidates,
+        key=lambda a: predict(a, nbytes, world_size, link, arity=arity, chunk_bytes=chunk_bytes),
+    )
+
+
+# Closed forms (bandwidth and latency terms) of the textbook algorithms, for checks and quick estimates.
+def parameter_server_time(workers: int, nbytes: float, link: LinkModel) -> float:
+    """One server and ``workers`` clients: the server's link carries 2 * workers buffers."""
+    return 2 * workers * (link.latency_s + nbytes / link.bandwidth_Bps)
+
+
+def tree_time(world_size: int, nbytes: float, link: LinkModel, arity: int = 2) -> float:
+    """k-nomial reduce + broadcast of the whole buffer: 2 (k-1) ceil(log_k p) messages in sequence."""
+    levels = math.ceil(math.log(world_size, arity) - 1e-12) if world_size > 1 else 0
+    return 2 * (arity - 1) * levels * (link.latency_s + nbytes / link.bandwidth_Bps)
+
+
+def ring_time(world_size: int, nbytes: float, link: LinkModel) -> float:
+    """Reduce-scatter + all-gather: 2 (p-1) messages of N/p bytes (the bandwidth lower bound)."""
+    p = world_size
+    return 2 * (p - 1) * (link.latency_s + nbytes / p / link.bandwidth_Bps)

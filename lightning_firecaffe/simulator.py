@@ -1,0 +1,51 @@
+"""Execute any schedule inside one process, on a list of tensors (one per rank), to prove it correct.
+
+Semantics match the executor: sends read the buffer as it was when the round began; received data is
+applied when the round ends (adds in step order, copies overwrite). Pricing lives in ``cost_model``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .cost_model import LinkModel, schedule_time
+from .schedules import Op, Schedule, ScheduleError, chunk_offsets, validate
+
+
+def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``schedule`` on copies of ``buffers`` (1-D, equal length) and return every rank's result."""
+    if len(buffers) != schedule.world_size:
+        raise ScheduleError(f"{schedule.algorithm}: {len(buffers)} buffers for world size {schedule.world_size}")
+    validate(schedule)
+    state = [b.detach().clone().reshape(-1) for b in buffers]
+    numel = state[0].numel() if state else 0
+    offsets = chunk_offsets(numel, schedule.num_chunks)
+    for t in range(schedule.num_rounds):
+        in_flight = {}
+        for rank in range(schedule.world_size):
+            for step in schedule.rounds[rank][t]:
+                if step.op is Op.SEND:
+                    key = (rank, step.peer, step.lo, step.hi)
+                    in_flight.setdefault(key, []).append(state[rank][offsets[step.lo] : offsets[step.hi]].clone())
+        for rank in range(schedule.world_size):
+            for step in schedule.rounds[rank][t]:
+                if step.op is Op.SEND:
+                    continue
+                payload = in_flight[(step.peer, rank, step.lo, step.hi)].pop(0)
+                view = state[rank][offsets[step.lo] : offsets[step.hi]]
+                if step.op is Op.RECV_ADD:
+                    view.add_(payload)
+                else:
+                    view.copy_(payload)
+    return state
+
+
+def simulate_and_price(
+    schedule: Schedule, buffers: Sequence[torch.Tensor], link: LinkModel
+) -> tuple[list[torch.Tensor], float]:
+    """Results plus predicted seconds under ``link`` for the same buffers."""
+    nbytes = buffers[0].numel() * buffers[0].element_size() if buffers else 0
+    itemsize = buffers[0].element_size() if buffers else 4
+    return simulate(schedule, buffers), schedule_time(schedule, nbytes, link, itemsize)
