@@ -1,0 +1,102 @@
+"""The executor on real gloo ranks (fork start): every algorithm equals dist.all_reduce; a dead peer is named."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_utils import run_ranks
+from lightning_firecaffe.executor import PeerStallError, ScheduleExecutor
+from lightning_firecaffe.schedules import ALGORITHMS, schedule_for_bytes
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+
+
+def _compare_with_all_reduce(rank, world_size, chunk_bytes):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20)
+    report = {}
+    for algorithm in ALGORITHMS:
+        for length in (0, 1, 997, 5000):
+            gen = torch.Generator().manual_seed(1000 * rank + length)
+            ints = torch.randint(-5000, 5000, (length,), generator=gen).float()
+            rand = torch.randn(length, generator=gen)
+            for name, data in (("int", ints), ("rand", rand)):
+                expected = data.clone()
+                dist.all_reduce(expected)
+                mine = data.clone()
+                schedule = schedule_for_bytes(
+                    algorithm, mine.numel() * 4, world_size, chunk_bytes=chunk_bytes, ranks_per_node=2
+                )
+                executor.all_reduce_(mine, schedule, bucket=length, step=1)
+                if name == "int":
+                    ok = torch.equal(mine, expected)
+                else:
+                    ok = torch.allclose(mine, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max() if length else 1))
+                report[(algorithm, length, name)] = ok
+    return report, executor.counters.bytes_sent, executor.scratch_bytes
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_algorithm_equals_dist_all_reduce(world_size):
+    results = run_ranks(_compare_with_all_reduce, world_size, 1024, timeout=100)
+    for rank, (status, value) in results.items():
+        assert status == "ok", f"rank {rank}: {status} {value}"
+        report, sent, scratch = value
+        bad = [key for key, ok in report.items() if not ok]
+        assert not bad, f"rank {rank} differs from dist.all_reduce for {bad}"
+        assert sent > 0
+        assert scratch <= 5000 * 4, "scratch must stay within one buffer"
+
+
+def _die_or_wait(rank, world_size):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=5)
+    buf = torch.ones(1000)
+    schedule = schedule_for_bytes("tree", 4000, world_size, chunk_bytes=1 << 20)
+    executor.all_reduce_(buf, schedule, bucket=0, step=0)  # everyone alive: works
+    if rank == world_size - 1:
+        os._exit(3)  # dies without a word
+    started = time.monotonic()
+    try:
+        executor.all_reduce_(buf, schedule, bucket=2, step=7)
+    except PeerStallError as exc:
+        return str(exc), exc.peers, time.monotonic() - started
+    return "no error", [], time.monotonic() - started
+
+
+def test_dead_peer_is_named_within_the_stall_timeout():
+    results = run_ranks(_die_or_wait, 2, timeout=60)
+    status, value = results[0]
+    assert status == "ok", value
+    message, peers, seconds = value
+    assert peers == [1]
+    assert "rank 1" in message and "bucket 2" in message and "step 7" in message
+    assert seconds < 5 + 3
+    assert results[1] == ("died", 3)
+
+
+def _silent_peer(rank, world_size):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=2)
+    buf = torch.ones(10)
+    schedule = schedule_for_bytes("ring", 40, world_size, chunk_bytes=1 << 20)
+    if rank == 1:
+        time.sleep(6)  # alive but not answering
+        return "slept"
+    started = time.monotonic()
+    try:
+        executor.all_reduce_(buf, schedule, bucket=0, step=3)
+    except PeerStallError as exc:
+        return str(exc), exc.peers, time.monotonic() - started
+    return "no error", [], 0
+
+
+def test_stuck_peer_times_out_with_its_rank():
+    results = run_ranks(_silent_peer, 3, timeout=60)
+    for rank in (0, 2):
+        status, value = results[rank]
+        assert status == "ok", value
+        message, peers, seconds = value
+        assert 1 in peers or (rank == 0 and peers == [2]) or (rank == 2 and peers == [1]), message
+        assert "did not answer within 2 s" in message
+        assert seconds < 2 * 3, "stall reported too late"
