@@ -1,0 +1,47 @@
+"""Turn the strategy's per-step communication figures into logged metrics and an end-of-fit summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class CommTelemetry(Callback):
+    """Logs ``firecaffe/comm_wait_s`` (not hidden behind backward), ``firecaffe/comm_busy_s`` and bytes
+    sent/received by this rank after every optimizer step; rank 0 prints a summary at the end of fit.
+
+    Added automatically by ``FireCaffeStrategy``; loggers (CSV, TensorBoard, ...) record the metrics.
+    """
+
+    def __init__(self) -> None:
+        self._logged_steps = 0
+
+    @staticmethod
+    def _stats(trainer: "pl.Trainer"):
+        return getattr(trainer.strategy, "comm_stats", None)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        stats = self._stats(trainer)
+        if stats is None or stats.completed_steps == self._logged_steps:
+            return  # no new optimizer step (e.g. accumulating gradients)
+        self._logged_steps = stats.completed_steps
+        last = stats.last()
+        pl_module.log_dict(
+            {
+                "firecaffe/comm_wait_s": float(last.wait_s),
+                "firecaffe/comm_busy_s": float(last.busy_s),
+                "firecaffe/bytes_sent": float(last.bytes_sent),
+                "firecaffe/bytes_received": float(last.bytes_received),
+            },
+            on_step=True,
+            on_epoch=False,
+            sync_dist=False,
+        )
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        stats = self._stats(trainer)
+        if stats is not None:
+            rank_zero_info(stats.summary(getattr(trainer.strategy, "algorithm", "?")))

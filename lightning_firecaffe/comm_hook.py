@@ -1,0 +1,173 @@
+"""The DDP communication hook: hand each gradient bucket to the executor and return a Future.
+
+Like torch's own hooks (``ddp_comm_hooks/default_hooks.py``) it is a function of (state, bucket). On
+gloo the work runs on one FIFO worker thread per process so that it overlaps backward while buckets keep
+their launch order on every rank; gloo Works have no futures, so the worker completes our own Future. On
+NCCL the ops are enqueued inline (they are asynchronous on the GPU anyway).
+
+(No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
+"""
+
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .cost_model import LinkModel, best_algorithm
+from .executor import ScheduleExecutor
+from .schedules import Schedule, schedule_for_bytes
+from .telemetry import CommStats
+
+
+@dataclass
+class ScheduleSelector:
+    """Picks the schedule for a bucket size: a fixed algorithm, or ``auto`` via the cost model."""
+
+    algorithm: str
+    world_size: int
+    arity: int = 2
+    chunk_bytes: int = 1 << 20
+    link: LinkModel = field(default_factory=LinkModel)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def algorithm_for(self, nbytes: int) -> str:
+        if self.algorithm != "auto":
+            return self.algorithm
+        if nbytes not in self._cache:
+            self._cache[nbytes] = best_algorithm(
+                nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes
+            )
+        return self._cache[nbytes]
+
+    def schedule_for(self, nbytes: int) -> Schedule:
+        return schedule_for_bytes(
+            self.algorithm_for(nbytes),
+            nbytes,
+            self.world_size,
+            chunk_bytes=self.chunk_bytes,
+            arity=self.arity,
+            ranks_per_node=self.link.ranks_per_node,
+        )
+
+
+class _FifoWorker:
+    """One daemon thread running jobs in submission order (daemon: a stuck peer never blocks exit)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="firecaffe-comm", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+
+@dataclass
+class FireCaffeHookState:
+    """Everything the hook needs; runtime parts (thread, scratch) are built lazily in the using process."""
+
+    group: Any
+    rank: int
+    world_size: int
+    selector: ScheduleSelector
+    stall_timeout: float = 60.0
+    inline: bool = False  # True on NCCL: enqueue on the GPU stream from the backward thread
+    stats: CommStats = field(default_factory=CommStats)
+    current_step: Callable[[], int] = lambda: 0
+    _executor: ScheduleExecutor | None = field(default=None, repr=False)
+    _worker: _FifoWorker | None = field(default=None, repr=False)
+    _pid: int | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_executor=None, _worker=None, _pid=None, group=None)
+        return state
+
+    @property
+    def executor(self) -> ScheduleExecutor:
+        self._ensure_runtime()
+        assert self._executor is not None
+        return self._executor
+
+    @property
+    def worker(self) -> _FifoWorker:
+        self._ensure_runtime()
+        if self._worker is None:
+            self._worker = _FifoWorker()
+        return self._worker
+
+    def _ensure_runtime(self) -> None:
+        if self._pid != os.getpid():  # threads do not survive fork: rebuild in this process
+            self._pid = os.getpid()
+            self._worker = None
+            self._executor = ScheduleExecutor(
+                self.rank, self.world_size, group=self.group, stall_timeout=self.stall_timeout, batched=self.inline
+            )
+
+    def close(self) -> None:
+        """Stop the worker and release the dedicated process group (all ranks call this at teardown)."""
+        if self._pid == os.getpid():
+            if self._worker is not None:
+                self._worker.stop()
+            if self.group is not None and dist.is_initialized():
+                try:
+                    dist.destroy_process_group(self.group)
+                except Exception:  # already gone (e.g. after a failure): nothing left to release
+                    pass
+        self._worker = None
+        self._executor = None
+        self.group = None
+
+    def reduce_bucket(self, buffer: torch.Tensor, index: int, is_last: bool, step: int) -> None:
+        """Average ``buffer`` across ranks in place and record what it cost."""
+        executor = self.executor
+        nbytes = buffer.numel() * buffer.element_size()
+        schedule = self.selector.schedule_for(nbytes)
+        self.stats.algorithms[nbytes] = schedule.algorithm
+        sent0, recv0 = executor.counters.bytes_sent, executor.counters.bytes_received
+        started = time.perf_counter()
+        executor.all_reduce_(buffer, schedule, bucket=index, step=step)
+        self.stats.bucket_done(
+            executor.counters.bytes_sent - sent0,
+            executor.counters.bytes_received - recv0,
+            time.perf_counter() - started,
+            is_last,
+        )
+
+
+def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce."""
+    buffer = bucket.buffer()
+    index, is_last = bucket.index(), bucket.is_last()
+    step = state.current_step()
+    state.stats.bucket_ready(is_last)
+    buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def job() -> None:
+        try:
+            state.reduce_bucket(buffer, index, is_last, step)
+        except BaseException as exc:  # surfaces in the backward pass of the training thread
+            future.set_exception(exc)
+        else:
+            future.set_result(buffer)
+
+    if state.inline:
+        job()
+    else:
+        state.worker.submit(job)
+    return future

@@ -1,0 +1,91 @@
+"""Per-optimizer-step communication figures: exposed wait, busy time and bytes, kept in one process.
+
+"Exposed" wait is what training actually pays: the time from the last gradient bucket becoming ready
+(backward has finished computing) until every bucket is reduced. Communication that overlaps backward
+is counted in ``busy_s`` but not in ``wait_s``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class StepComm:
+    step: int = 0
+    buckets: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    last_ready_at: float = 0.0
+
+
+@dataclass
+class CommTotals:
+    steps: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+
+
+class CommStats:
+    """Thread-safe accumulator: the backward thread marks buckets ready, the comm worker marks them done."""
+
+    def __init__(self, keep: int = 1000):
+        self._lock = threading.Lock()
+        self._current = StepComm()
+        self.history: deque[StepComm] = deque(maxlen=keep)
+        self.totals = CommTotals()
+        self.algorithms: dict[int, str] = {}  # bucket bytes -> algorithm used
+
+    def bucket_ready(self, is_last: bool) -> None:
+        if is_last:
+            with self._lock:
+                self._current.last_ready_at = time.perf_counter()
+
+    def bucket_done(self, sent: int, received: int, busy_s: float, is_last: bool) -> None:
+        with self._lock:
+            cur = self._current
+            cur.buckets += 1
+            cur.bytes_sent += sent
+            cur.bytes_received += received
+            cur.busy_s += busy_s
+            if not is_last:
+                return
+            cur.wait_s = max(0.0, time.perf_counter() - cur.last_ready_at) if cur.last_ready_at else cur.busy_s
+            cur.step = self.totals.steps
+            self.history.append(cur)
+            t = self.totals
+            t.steps += 1
+            t.bytes_sent += cur.bytes_sent
+            t.bytes_received += cur.bytes_received
+            t.busy_s += cur.busy_s
+            t.wait_s += cur.wait_s
+            self._current = StepComm()
+
+    @property
+    def completed_steps(self) -> int:
+        return self.totals.steps
+
+    def last(self) -> StepComm | None:
+        with self._lock:
+            return self.history[-1] if self.history else None
+
+    def summary(self, algorithm: str) -> str:
+        """Human-readable end-of-fit report."""
+        t = self.totals
+        if not t.steps:
+            return f"FireCaffe ({algorithm}): no gradient all-reduce ran."
+        per_step = lambda x: x / t.steps  # noqa: E731
+        used = ", ".join(f"{n / 1e6:.2f} MB -> {a}" for n, a in sorted(self.algorithms.items()))
+        return (
+            f"FireCaffe ({algorithm}): {t.steps} steps, buckets [{used}]; per step this rank sent "
+            f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "
+            f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.wait_s):.1f} ms "
+            f"not hidden behind backward."
+        )

@@ -1,0 +1,117 @@
+"""Train a tiny classifier on 2 CPU ranks with a given strategy; rank 0 writes weights and comm facts.
+
+Run as a script (the ``ddp``/``firecaffe`` launchers re-run the command line for every rank).
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_firecaffe  # noqa: F401  (registers strategy="firecaffe")
+from lightning_firecaffe import FireCaffeStrategy
+
+
+class Tiny(LightningModule):
+    def __init__(self, unused: bool = False, die_at: int = -1, die_rank: int = 1):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        self.spare = torch.nn.Linear(16, 4) if unused else None  # never used in the loss
+        self.die_at, self.die_rank = die_at, die_rank
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.die_at and self.global_rank == self.die_rank:
+            os._exit(17)  # a rank that dies without a word
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 16, generator=g)
+        y = (x[:, :4].argmax(1) + (x[:, 4] > 1).long()) % 4
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=g)
+
+
+class Facts(Callback):
+    """Records, on rank 0, which comm hook DDP ran and how many bytes the tree sent."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank != 0:
+            return
+        ddp = trainer.strategy.model
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        facts = {
+            "comm_hook": ddp._get_ddp_logging_data().get("comm_hook"),
+            "bytes_sent": stats.totals.bytes_sent if stats else 0,
+            "steps": stats.totals.steps if stats else 0,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+        }
+        (self.out / "facts.json").write_text(json.dumps(facts))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="firecaffe")
+    p.add_argument("--object", action="store_true", help="pass FireCaffeStrategy(...) instead of a name")
+    p.add_argument("--algorithm", default="tree")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--unused", action="store_true")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--die-at", type=int, default=-1)
+    p.add_argument("--stall-timeout", type=float, default=30.0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(1234, workers=True)
+
+    strategy = args.strategy
+    if args.object:
+        strategy = FireCaffeStrategy(
+            algorithm=args.algorithm, stall_timeout=args.stall_timeout, find_unused_parameters=args.unused
+        )
+    elif args.unused:
+        strategy = f"{args.strategy}_find_unused_parameters_true" if args.strategy == "ddp" else strategy
+    callbacks = [Facts(out)]
+    if args.save_every:
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_every, save_top_k=-1))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate,
+        precision=args.precision,
+        logger=CSVLogger(out, name="logs"),
+        callbacks=callbacks,
+        enable_checkpointing=bool(args.save_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    model = Tiny(unused=args.unused, die_at=args.die_at)
+    trainer.fit(model, ckpt_path=args.resume)
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), out / "weights.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
