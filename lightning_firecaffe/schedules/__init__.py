@@ -7,7 +7,7 @@ from functools import lru_cache
 from typing import Callable
 
 from .baselines import parameter_server, ring
-from .core import Op, Schedule, ScheduleError, Step, Transfer, chunk_offsets, validate
+from .core import Op, Schedule, ScheduleError, Step, Transfer, chunk_offsets, describe, validate
 from .trees import double_tree, pipelined_tree, tree, two_level
 
 GENERATORS: dict[str, Callable[..., Schedule]] = {
@@ -63,6 +63,7 @@ __all__ = [
     "Transfer",
     "build_schedule",
     "chunk_offsets",
+    "describe",
     "num_chunks_for",
     "schedule_for_bytes",
     "validate",

@@ -147,3 +147,21 @@ def validate(schedule: Schedule) -> None:
                 f"{schedule.algorithm}: round {t} has unmatched messages: {dict(sends - recvs)} sent but not "
                 f"received, {dict(recvs - sends)} received but not sent"
             )
+
+
+def describe(schedule: Schedule, max_rounds: int = 12) -> str:
+    """Human-readable rounds, e.g. ``round 0: 1->0 add [0,1)``; long schedules are elided."""
+    lines = [f"{schedule.algorithm}: {schedule.world_size} ranks, {schedule.num_chunks} chunks, {schedule.num_rounds} rounds"]
+    for t in range(schedule.num_rounds):
+        if t == max_rounds:
+            lines.append(f"  ... {schedule.num_rounds - max_rounds} more rounds")
+            break
+        msgs = [
+            f"{tr.src}->{tr.dst} {'add' if step.op is Op.RECV_ADD else 'copy'} [{tr.lo},{tr.hi})"
+            for tr in schedule.transfers()
+            if tr.round == t
+            for step in schedule.rounds[tr.dst][t]
+            if step.peer == tr.src and step.op is not Op.SEND and (step.lo, step.hi) == (tr.lo, tr.hi)
+        ]
+        lines.append(f"  round {t}: " + ", ".join(msgs))
+    return "\n".join(lines)
