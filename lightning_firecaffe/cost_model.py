@@ -9,11 +9,12 @@ shares the node's single network link (so the two-level tree has something to wi
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
-from .schedules import ALGORITHMS, Op, Schedule, chunk_offsets, schedule_for_bytes
+import numpy as np
+
+from .schedules import ALGORITHMS, Schedule, chunk_offsets, schedule_for_bytes
 
 
 @dataclass(frozen=True)
@@ -45,32 +46,31 @@ class LinkModel:
 
 
 def round_times(schedule: Schedule, nbytes: int, link: LinkModel, itemsize: int = 4) -> list[float]:
-    """Seconds of each round of ``schedule`` on a buffer of ``nbytes``."""
-    numel = nbytes // itemsize
-    offsets = chunk_offsets(numel, schedule.num_chunks)
-    times = []
-    for t in range(schedule.num_rounds):
-        intra: dict[tuple[int, str], int] = defaultdict(int)  # (rank, direction) -> bytes
-        inter: dict[tuple[int, str], int] = defaultdict(int)  # (node, direction) -> bytes
-        latency = 0.0
-        for rank in range(schedule.world_size):
-            for step in schedule.rounds[rank][t]:
-                size = (offsets[step.hi] - offsets[step.lo]) * itemsize
-                if size == 0:
-                    continue
-                direction = "out" if step.op is Op.SEND else "in"
-                if link.node_of(rank) == link.node_of(step.peer):
-                    intra[(rank, direction)] += size
-                    latency = max(latency, link.intra_latency_s)
-                else:
-                    inter[(link.node_of(rank), direction)] += size
-                    latency = max(latency, link.latency_s)
-        busiest = max(
-            [v / link.intra_bandwidth_Bps for v in intra.values()] + [v / link.bandwidth_Bps for v in inter.values()],
-            default=0.0,
-        )
-        times.append(latency + busiest)
-    return times
+    """Seconds of each round of ``schedule`` on a buffer of ``nbytes`` (vectorised over transfers)."""
+    if not schedule.transfers:
+        return []
+    a = schedule.arrays
+    offsets = np.asarray(chunk_offsets(nbytes // itemsize, schedule.num_chunks), dtype=np.int64)
+    size = ((offsets[a["hi"]] - offsets[a["lo"]]) * itemsize).astype(np.float64)
+    live = size > 0
+    rnd, src, dst, size = a["round"][live], a["src"][live], a["dst"][live], size[live]
+    rounds, p = schedule.num_rounds, schedule.world_size
+    src_node, dst_node = src // link.ranks_per_node, dst // link.ranks_per_node
+    local = src_node == dst_node
+    nodes = (p + link.ranks_per_node - 1) // link.ranks_per_node
+
+    def busiest(index_out, index_in, width, mask, bandwidth):
+        load = np.zeros((rounds, 2 * width))
+        np.add.at(load, (rnd[mask], index_out[mask]), size[mask])
+        np.add.at(load, (rnd[mask], width + index_in[mask]), size[mask])
+        return load.max(axis=1) / bandwidth
+
+    intra = busiest(src, dst, p, local, link.intra_bandwidth_Bps)
+    inter = busiest(src_node, dst_node, nodes, ~local, link.bandwidth_Bps)
+    latency = np.zeros(rounds)
+    np.maximum.at(latency, rnd[local], link.intra_latency_s)
+    np.maximum.at(latency, rnd[~local], link.latency_s)
+    return (latency + np.maximum(intra, inter)).tolist()
 
 
 def schedule_time(schedule: Schedule, nbytes: int, link: LinkModel, itemsize: int = 4) -> float:

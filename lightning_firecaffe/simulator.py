@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from .cost_model import LinkModel, schedule_time
-from .schedules import Op, Schedule, ScheduleError, chunk_offsets, validate
+from .schedules import Schedule, ScheduleError, chunk_offsets, validate
 
 
 def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -22,23 +22,17 @@ def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.
     state = [b.detach().clone().reshape(-1) for b in buffers]
     numel = state[0].numel() if state else 0
     offsets = chunk_offsets(numel, schedule.num_chunks)
-    for t in range(schedule.num_rounds):
-        in_flight = {}
-        for rank in range(schedule.world_size):
-            for step in schedule.rounds[rank][t]:
-                if step.op is Op.SEND:
-                    key = (rank, step.peer, step.lo, step.hi)
-                    in_flight.setdefault(key, []).append(state[rank][offsets[step.lo] : offsets[step.hi]].clone())
-        for rank in range(schedule.world_size):
-            for step in schedule.rounds[rank][t]:
-                if step.op is Op.SEND:
-                    continue
-                payload = in_flight[(step.peer, rank, step.lo, step.hi)].pop(0)
-                view = state[rank][offsets[step.lo] : offsets[step.hi]]
-                if step.op is Op.RECV_ADD:
-                    view.add_(payload)
-                else:
-                    view.copy_(payload)
+    by_round: dict[int, list] = {}
+    for t in schedule.transfers:
+        by_round.setdefault(t.round, []).append(t)
+    for rnd in range(schedule.num_rounds):
+        msgs = by_round.get(rnd, [])
+        # sends read the state as it was when the round began ...
+        payloads = [state[t.src][offsets[t.lo] : offsets[t.hi]].clone() for t in msgs]
+        # ... and receives apply when it ends: adds in transfer order, copies overwrite
+        for t, payload in zip(msgs, payloads):
+            view = state[t.dst][offsets[t.lo] : offsets[t.hi]]
+            view.add_(payload) if t.reduce else view.copy_(payload)
     return state
 
 

@@ -7,7 +7,7 @@ import torch
 
 from lightning_firecaffe.cost_model import LinkModel, parameter_server_time, ring_time, schedule_time, tree_time
 from lightning_firecaffe.schedules import ALGORITHMS, Op, ScheduleError, build_schedule, num_chunks_for, validate
-from lightning_firecaffe.schedules.core import Schedule, Step
+from lightning_firecaffe.schedules.core import Transfer, build
 from lightning_firecaffe.schedules.trees import double_tree
 from lightning_firecaffe.simulator import simulate
 
@@ -104,10 +104,21 @@ def test_two_level_puts_one_buffer_per_node_on_the_network():
     assert hier < 0.6 * flat
 
 
-def test_validate_rejects_unmatched_messages():
-    lonely = Schedule("broken", 2, 1, (((Step(Op.SEND, 1, 0, 1),),), ((),)))
-    with pytest.raises(ScheduleError, match="unmatched"):
-        validate(lonely)
+def test_build_and_validate_reject_malformed_schedules():
+    with pytest.raises(ScheduleError, match="bad transfer"):
+        build("self", 2, 1, [Transfer(0, 1, 1, 0, 1)])
+    with pytest.raises(ScheduleError, match="bad chunk range"):
+        build("range", 2, 1, [Transfer(0, 0, 1, 0, 2)])
+    racing = build("race", 3, 1, [Transfer(0, 0, 2, 0, 1, False), Transfer(0, 1, 2, 0, 1, True)])
+    with pytest.raises(ScheduleError, match="overwrites"):
+        validate(racing)
+
+
+def test_each_rank_sees_matching_steps():
+    schedule = build_schedule("ring", 3, 3)
+    sends = sorted((r, s.peer, s.lo, t) for r in range(3) for t, steps in enumerate(schedule.steps_of(r)) for s in steps if s.op is Op.SEND)
+    recvs = sorted((s.peer, r, s.lo, t) for r in range(3) for t, steps in enumerate(schedule.steps_of(r)) for s in steps if s.op is not Op.SEND)
+    assert sends == recvs and len(sends) == 2 * 2 * 3
 
 
 def test_unknown_algorithm_names_the_choices():

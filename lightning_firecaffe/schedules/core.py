@@ -4,18 +4,23 @@ A schedule is pure data, computed once per (algorithm, world size, chunk count) 
 simulator, the cost model and the executor. Rounds are lock-step in the model: every step of a round is
 posted at once, sends read the buffer as it was when the round began, and received data is applied when
 the round ends. "Forwarding" a chunk is a RECV_COPY followed by a SEND of the same chunk in a later round.
+
+The list of transfers is the source of truth (cheap even for 1024 ranks); each rank's ordered steps
+are derived from it on demand.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
 
 
 class ScheduleError(ValueError):
-    """A schedule is malformed: unmatched send/receive, bad peer or chunk range."""
+    """A schedule is malformed: bad peer or chunk range, or a chunk written twice in one round."""
 
 
 class Op(str, enum.Enum):
@@ -24,8 +29,7 @@ class Op(str, enum.Enum):
     RECV_COPY = "recv_copy"  # receive and overwrite the buffer
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """One message as seen by one rank: ``op`` chunks ``[lo, hi)`` with ``peer``."""
 
     op: Op
@@ -34,8 +38,7 @@ class Step:
     hi: int
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """One message as seen by the builder: ``src`` sends chunks ``[lo, hi)`` to ``dst`` in ``round``."""
 
     round: int
@@ -48,29 +51,36 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-rank, per-round steps of one all-reduce. ``rounds[rank][t]`` is a tuple of steps."""
+    """One all-reduce: its transfers, sorted by round. ``steps_of(rank)[t]`` is a rank's steps in round t."""
 
     algorithm: str
     world_size: int
     num_chunks: int
-    rounds: tuple[tuple[tuple[Step, ...], ...], ...]
-
-    @property
-    def num_rounds(self) -> int:
-        return len(self.rounds[0]) if self.rounds else 0
+    transfers: tuple[Transfer, ...]
+    num_rounds: int
+    _per_rank: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     def steps_of(self, rank: int) -> tuple[tuple[Step, ...], ...]:
-        return self.rounds[rank]
+        """This rank's steps, round by round, in a deterministic order (cached)."""
+        if rank not in self._per_rank:
+            grid: list[list[Step]] = [[] for _ in range(self.num_rounds)]
+            for t in self.transfers:
+                if t.src == rank:
+                    grid[t.round].append(Step(Op.SEND, t.dst, t.lo, t.hi))
+                elif t.dst == rank:
+                    grid[t.round].append(Step(Op.RECV_ADD if t.reduce else Op.RECV_COPY, t.src, t.lo, t.hi))
+            self._per_rank[rank] = tuple(tuple(steps) for steps in grid)
+        return self._per_rank[rank]
 
-    def transfers(self) -> list[Transfer]:
-        """Every message once, from the sender's side."""
-        out = []
-        for rank, per_round in enumerate(self.rounds):
-            for t, steps in enumerate(per_round):
-                for step in steps:
-                    if step.op is Op.SEND:
-                        out.append(Transfer(t, rank, step.peer, step.lo, step.hi))
-        return out
+    @property
+    def rounds(self) -> tuple[tuple[tuple[Step, ...], ...], ...]:
+        return tuple(self.steps_of(r) for r in range(self.world_size))
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Columns (round, src, dst, lo, hi) as integer arrays, for vectorised pricing."""
+        a = np.asarray([t[:5] for t in self.transfers], dtype=np.int64).reshape(-1, 5)
+        return {"round": a[:, 0], "src": a[:, 1], "dst": a[:, 2], "lo": a[:, 3], "hi": a[:, 4]}
 
 
 def chunk_offsets(numel: int, num_chunks: int) -> list[int]:
@@ -88,80 +98,55 @@ def reversed_as_broadcast(transfers: Iterable[Transfer], first_round: int) -> li
     if not transfers:
         return []
     last = max(t.round for t in transfers)
-    return [
-        Transfer(first_round + last - t.round, t.dst, t.src, t.lo, t.hi, reduce=False) for t in transfers
-    ]
-
-
-def compact_rounds(transfers: Sequence[Transfer]) -> list[Transfer]:
-    """Renumber rounds so that no round is empty (empty rounds cost nothing but add latency in the executor)."""
-    used = sorted({t.round for t in transfers})
-    index = {r: i for i, r in enumerate(used)}
-    return [Transfer(index[t.round], t.src, t.dst, t.lo, t.hi, t.reduce) for t in transfers]
+    return [Transfer(first_round + last - t.round, t.dst, t.src, t.lo, t.hi, False) for t in transfers]
 
 
 def build(algorithm: str, world_size: int, num_chunks: int, transfers: Sequence[Transfer]) -> Schedule:
-    """Turn a list of transfers into per-rank steps, checking peers and chunk ranges."""
+    """Sort transfers into rounds (dropping empty rounds) and check peers and chunk ranges."""
     if world_size < 1:
         raise ScheduleError(f"world_size must be >= 1, got {world_size}")
-    transfers = compact_rounds(transfers)
-    num_rounds = 1 + max((t.round for t in transfers), default=-1)
-    grid: list[list[list[Step]]] = [[[] for _ in range(num_rounds)] for _ in range(world_size)]
+    used = sorted({t.round for t in transfers})
+    if used != list(range(len(used))):
+        index = {r: i for i, r in enumerate(used)}
+        transfers = [t._replace(round=index[t.round]) for t in transfers]
     for t in transfers:
         if not (0 <= t.src < world_size and 0 <= t.dst < world_size) or t.src == t.dst:
             raise ScheduleError(f"{algorithm}: bad transfer {t} for world size {world_size}")
         if not 0 <= t.lo < t.hi <= num_chunks:
             raise ScheduleError(f"{algorithm}: bad chunk range [{t.lo}, {t.hi}) of {num_chunks} chunks")
-        grid[t.src][t.round].append(Step(Op.SEND, t.dst, t.lo, t.hi))
-        grid[t.dst][t.round].append(Step(Op.RECV_ADD if t.reduce else Op.RECV_COPY, t.src, t.lo, t.hi))
-    schedule = Schedule(
-        algorithm, world_size, num_chunks, tuple(tuple(tuple(steps) for steps in rank) for rank in grid)
-    )
-    validate(schedule)
-    return schedule
+    ordered = tuple(sorted(transfers, key=lambda t: t.round))
+    return Schedule(algorithm, world_size, num_chunks, ordered, len(used))
 
 
 def validate(schedule: Schedule) -> None:
-    """Every send has exactly one matching receive in the same round, and no round writes a chunk twice."""
-    for t in range(schedule.num_rounds):
-        sends: Counter = Counter()
-        recvs: Counter = Counter()
-        for rank in range(schedule.world_size):
-            received = []
-            for step in schedule.rounds[rank][t]:
-                if step.op is Op.SEND:
-                    sends[(rank, step.peer, step.lo, step.hi)] += 1
-                else:
-                    recvs[(step.peer, rank, step.lo, step.hi)] += 1
-                    received.append(step)
-            for i, a in enumerate(received):
-                for b in received[i + 1 :]:
-                    overlap = a.lo < b.hi and b.lo < a.hi
-                    if overlap and Op.RECV_COPY in (a.op, b.op):
-                        raise ScheduleError(
-                            f"{schedule.algorithm}: rank {rank} overwrites chunks [{a.lo}, {a.hi}) while also "
-                            f"receiving [{b.lo}, {b.hi}) in round {t}"
-                        )
-        if sends != recvs:
-            raise ScheduleError(
-                f"{schedule.algorithm}: round {t} has unmatched messages: {dict(sends - recvs)} sent but not "
-                f"received, {dict(recvs - sends)} received but not sent"
-            )
+    """No rank overwrites a chunk range that it also receives in the same round (the result would
+    depend on arrival order). Send/receive matching holds by construction: a transfer is both."""
+    incoming: dict[tuple[int, int], list[Transfer]] = {}
+    for t in schedule.transfers:
+        incoming.setdefault((t.round, t.dst), []).append(t)
+    for (rnd, rank), msgs in incoming.items():
+        if len(msgs) < 2 or all(m.reduce for m in msgs):
+            continue
+        for i, a in enumerate(msgs):
+            for b in msgs[i + 1 :]:
+                if a.lo < b.hi and b.lo < a.hi and not (a.reduce and b.reduce):
+                    raise ScheduleError(
+                        f"{schedule.algorithm}: rank {rank} overwrites chunks [{a.lo}, {a.hi}) while also "
+                        f"receiving [{b.lo}, {b.hi}) in round {rnd}"
+                    )
 
 
 def describe(schedule: Schedule, max_rounds: int = 12) -> str:
     """Human-readable rounds, e.g. ``round 0: 1->0 add [0,1)``; long schedules are elided."""
-    lines = [f"{schedule.algorithm}: {schedule.world_size} ranks, {schedule.num_chunks} chunks, {schedule.num_rounds} rounds"]
-    for t in range(schedule.num_rounds):
-        if t == max_rounds:
-            lines.append(f"  ... {schedule.num_rounds - max_rounds} more rounds")
-            break
-        msgs = [
-            f"{tr.src}->{tr.dst} {'add' if step.op is Op.RECV_ADD else 'copy'} [{tr.lo},{tr.hi})"
-            for tr in schedule.transfers()
-            if tr.round == t
-            for step in schedule.rounds[tr.dst][t]
-            if step.peer == tr.src and step.op is not Op.SEND and (step.lo, step.hi) == (tr.lo, tr.hi)
-        ]
-        lines.append(f"  round {t}: " + ", ".join(msgs))
+    lines = [
+        f"{schedule.algorithm}: {schedule.world_size} ranks, {schedule.num_chunks} chunks, "
+        f"{schedule.num_rounds} rounds"
+    ]
+    by_round: dict[int, list[str]] = {}
+    for t in schedule.transfers:
+        by_round.setdefault(t.round, []).append(f"{t.src}->{t.dst} {'add' if t.reduce else 'copy'} [{t.lo},{t.hi})")
+    for rnd in range(min(schedule.num_rounds, max_rounds)):
+        lines.append(f"  round {rnd}: " + ", ".join(by_round.get(rnd, [])))
+    if schedule.num_rounds > max_rounds:
+        lines.append(f"  ... {schedule.num_rounds - max_rounds} more rounds")
     return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Start N local ranks (fork) with a gloo process group, run a function, collect results or errors.
+
+Used by the benchmarks on loopback and by the tests. A rank that neither reports nor exits before the
+deadline is killed: nothing here can hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException as exc:  # report, never hang the parent
+        queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        queue.close()
+        queue.join_thread()  # flush the report before leaving without atexit handlers
+        os._exit(0)
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0) -> dict[int, tuple]:
+    """Fork ``world_size`` ranks running ``fn(rank, world_size, *args)``; returns {rank: (status, value)}.
+
+    status is "ok" (value = return value), "error" (value = traceback text), "died" (value = exit code)
+    or "timeout".
+    """
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and time.monotonic() < deadline:
+        try:
+            rank, status, value = queue.get(timeout=0.2)
+            results[rank] = (status, value)
+        except queue_mod.Empty:
+            if all(not p.is_alive() for p in procs):
+                break
+    while True:  # whatever was reported after the loop ended
+        try:
+            rank, status, value = queue.get(timeout=0.05)
+            results[rank] = (status, value)
+        except queue_mod.Empty:
+            break
+    for rank, p in enumerate(procs):
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+            results.setdefault(rank, ("timeout", None))
+        results.setdefault(rank, ("died", p.exitcode))
+    return results
+
+
+def first_result(results: dict[int, tuple]) -> Any:
+    """Rank 0's value, or a RuntimeError that shows what went wrong on every failed rank."""
+    failed = {r: v for r, v in results.items() if v[0] != "ok"}
+    if failed:
+        detail = "\n".join(f"rank {r}: {status}: {value}" for r, (status, value) in sorted(failed.items()))
+        raise RuntimeError(f"benchmark ranks failed:\n{detail}")
+    return results[0][1]

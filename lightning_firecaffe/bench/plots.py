@@ -1,0 +1,61 @@
+"""PNG plots (matplotlib, headless): time vs size per algorithm; speedup vs GPU count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_comm(reports: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """One panel per world size: measured median (markers) and cost-model prediction (dashed)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 4.5), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        names = list(dict.fromkeys(r["algorithm"] for r in report["results"]))
+        for i, name in enumerate(names):
+            rows = sorted((r for r in report["results"] if r["algorithm"] == name), key=lambda r: r["bytes"])
+            color = f"C{i % 10}"
+            x = [r["bytes"] for r in rows]
+            ax.plot(x, [r["median_s"] * 1e3 for r in rows], "o-", color=color, label=name)
+            ax.plot(x, [r["predicted_s"] * 1e3 for r in rows], "--", color=color, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("time (ms)  — solid: measured, dashed: cost model")
+        ax.set_title(f"{title} p={report['world_size']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speedup(curves: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> None:
+    """Speedup vs number of GPUs, one line per algorithm, with the ideal diagonal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    gpus = sorted({g for pts in curves.values() for g, _ in pts})
+    ax.plot(gpus, gpus, ":", color="grey", label="ideal")
+    for i, (name, pts) in enumerate(curves.items()):
+        ax.plot([g for g, _ in pts], [s for _, s in pts], "o-", color=f"C{i % 10}", label=name, markersize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("speedup vs 1 GPU")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
