@@ -100,3 +100,28 @@ def test_stuck_peer_times_out_with_its_rank():
         assert 1 in peers or (rank == 0 and peers == [2]) or (rank == 2 and peers == [1]), message
         assert "did not answer within 2 s" in message
         assert seconds < 2 * 3, "stall reported too late"
+
+
+def _peak_scratch(rank, world_size):
+    peaks = {}
+    numel, chunk_bytes = 1_000_000, 256 * 1024  # a 4 MB bucket
+    for algorithm in ALGORITHMS:
+        executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20)
+        buf = torch.ones(numel)
+        schedule = schedule_for_bytes(algorithm, numel * 4, world_size, chunk_bytes=chunk_bytes, ranks_per_node=2)
+        for step in range(3):  # reused across steps, not grown
+            executor.all_reduce_(buf, schedule, bucket=0, step=step)
+        peaks[algorithm] = executor.scratch_bytes
+    return peaks
+
+
+def test_extra_memory_is_one_bucket_or_a_few_chunks():
+    results = run_ranks(_peak_scratch, 4, timeout=100)
+    bucket, chunk = 4_000_000, 256 * 1024
+    for rank, (status, peaks) in results.items():
+        assert status == "ok", peaks
+        for algorithm in ("pipelined_tree", "double_tree"):
+            assert peaks[algorithm] <= 3 * chunk + 8, (rank, algorithm, peaks[algorithm])
+        assert peaks["ring"] <= bucket // 4, "ring: one of p chunks"
+        for algorithm in ("tree", "parameter_server", "two_level"):
+            assert peaks[algorithm] <= bucket, (rank, algorithm, peaks[algorithm])

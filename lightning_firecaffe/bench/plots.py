@@ -40,21 +40,23 @@ def plot_comm(reports: list[dict[str, Any]], path: Path, title: str = "") -> Non
     plt.close(fig)
 
 
-def plot_speedup(curves: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> None:
-    """Speedup vs number of GPUs, one line per algorithm, with the ideal diagonal."""
+def plot_speedup(curves: dict[str, list[tuple[int, float, float]]], path: Path, title: str = "") -> None:
+    """Speedup vs number of GPUs per algorithm: solid with overlap, dashed without; ideal diagonal."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    gpus = sorted({g for pts in curves.values() for g, _ in pts})
+    gpus = sorted({pt[0] for pts in curves.values() for pt in pts})
     ax.plot(gpus, gpus, ":", color="grey", label="ideal")
     for i, (name, pts) in enumerate(curves.items()):
-        ax.plot([g for g, _ in pts], [s for _, s in pts], "o-", color=f"C{i % 10}", label=name, markersize=3)
+        x = [pt[0] for pt in pts]
+        ax.plot(x, [pt[1] for pt in pts], "o-", color=f"C{i % 10}", label=f"{name} (overlap)", markersize=3)
+        ax.plot(x, [pt[2] for pt in pts], "--", color=f"C{i % 10}", alpha=0.7, label=f"{name} (no overlap)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("GPUs")
     ax.set_ylabel("speedup vs 1 GPU")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

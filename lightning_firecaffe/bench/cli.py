@@ -1,0 +1,145 @@
+"""``firecaffe-bench``: ``comm`` (measure all-reduce), ``plan`` (predict scaling), ``train`` (end to end)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from ..cost_model import LinkModel
+from ..schedules import ALGORITHMS
+from .units import parse_rate_bytes_per_s, parse_size
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_comm(args: argparse.Namespace) -> int:
+    from .comm import TORCH, CommSpec, format_table, measure, save
+
+    algorithms = ["auto", *ALGORITHMS, TORCH] if args.algorithms == "all" else _csv(args.algorithms)
+    for a in algorithms:
+        if a not in ("auto", TORCH, *ALGORITHMS):
+            raise SystemExit(f"--algorithms: unknown {a!r}; choose from auto, {', '.join(ALGORITHMS)}, {TORCH}")
+    spec = CommSpec(
+        sizes=[parse_size(s) for s in _csv(args.sizes)],
+        algorithms=algorithms,
+        reps=args.reps,
+        arity=args.arity,
+        chunk_bytes=parse_size(args.chunk),
+        ranks_per_node=args.ranks_per_host,
+    )
+    reports = []
+    for world in [int(w) for w in _csv(args.world_sizes)]:
+        if args.hosts_rate is None:
+            from .launch import first_result, run_ranks
+
+            reports.append(first_result(run_ranks(measure, world, spec, timeout=args.timeout)))
+            where = "loopback"
+        else:
+            from .cluster_runs import measure_on_cluster
+
+            reports.append(measure_on_cluster(spec, world, args.hosts_rate, args.ranks_per_host, args.timeout))
+            where = f"emulated cluster, {args.hosts_rate} links"
+        print(format_table([reports[-1]]), flush=True)
+    meta = {"where": where, "python": platform.python_version(), "argv": sys.argv[1:]}
+    save(reports, Path(args.out) / "comm.json", Path(args.out) / "comm.png", meta)
+    print(f"wrote {Path(args.out) / 'comm.json'} and {Path(args.out) / 'comm.png'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import Workload, format_plan, model_gradient_bytes, plan_table, speedup_curves
+    from .plots import plot_speedup
+
+    name, grad_bytes = model_gradient_bytes(args.model)
+    workload = Workload(name, grad_bytes, 1.0 / args.images_per_s)
+    link = LinkModel(
+        latency_s=args.latency_us * 1e-6,
+        bandwidth_Bps=parse_rate_bytes_per_s(args.bandwidth),
+        ranks_per_node=args.gpus_per_node,
+    )
+    batches = [int(b) for b in _csv(args.batches)]
+    rows = plan_table(workload, args.gpus, link, batches, chunk_bytes=parse_size(args.chunk))
+    print(format_plan(rows, workload, link))
+    curves = speedup_curves(workload, args.plot_batch, link, args.max_gpus, chunk_bytes=parse_size(args.chunk))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_speedup(curves, out / "plan.png", title=f"{name}, {args.plot_batch} images/GPU, {args.bandwidth} links")
+    (out / "plan.json").write_text(
+        json.dumps(
+            {
+                "workload": workload.__dict__,
+                "link": link.__dict__,
+                "table": [r.__dict__ | {"speedup": r.speedup, "efficiency": r.efficiency} for r in rows],
+                "curves": curves,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out / 'plan.png'} and {out / 'plan.json'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_train_bench
+
+    return run_train_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firecaffe-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    comm = sub.add_parser("comm", help="time every all-reduce algorithm vs dist.all_reduce")
+    comm.add_argument("--world-sizes", default="2,4", help="comma-separated, e.g. 2,4,8")
+    comm.add_argument("--sizes", default="4KB,1MB,25MB", help="message sizes, e.g. 1KB,1MB,25MB")
+    comm.add_argument("--algorithms", default="all", help=f"'all' or a list from auto,{','.join(ALGORITHMS)},dist.all_reduce")
+    comm.add_argument("--reps", type=int, default=5)
+    comm.add_argument("--arity", type=int, default=2)
+    comm.add_argument("--chunk", default="1MiB", help="chunk size of the pipelined algorithms")
+    comm.add_argument(
+        "--hosts-rate",
+        default=None,
+        help="run on an emulated cluster (one network namespace per host, links shaped to this rate, e.g. "
+        "1gbit; needs root). Added latency cannot be emulated on this kernel (no netem). Default: loopback",
+    )
+    comm.add_argument("--ranks-per-host", type=int, default=1)
+    comm.add_argument("--timeout", type=float, default=600)
+    comm.add_argument("--out", default="bench_results")
+    comm.set_defaults(fn=cmd_comm)
+
+    plan = sub.add_parser("plan", help="predict communication, speedup and efficiency on a cluster")
+    plan.add_argument("--model", default="googlenet", help="googlenet, nin, package.module:Class or #parameters")
+    plan.add_argument("--gpus", type=int, default=128)
+    plan.add_argument("--gpus-per-node", type=int, default=1)
+    plan.add_argument("--images-per-s", type=float, default=300.0, help="training images/s of one GPU")
+    plan.add_argument("--bandwidth", default="56gbit", help="per-node link, e.g. 1gbit, 10gbit, 56gbit")
+    plan.add_argument("--latency-us", type=float, default=5.0)
+    plan.add_argument("--batches", default="8,16,32,64,128", help="per-GPU batch sizes for the table")
+    plan.add_argument(
+        "--plot-batch", type=int, default=8, help="per-GPU batch of the speedup plot (FireCaffe: 1024 over 128 GPUs)"
+    )
+    plan.add_argument("--max-gpus", type=int, default=1024)
+    plan.add_argument("--chunk", default="1MiB")
+    plan.add_argument("--out", default="bench_results")
+    plan.set_defaults(fn=cmd_plan)
+
+    train = sub.add_parser("train", help="steps/s of strategy=firecaffe (each algorithm) vs ddp")
+    from .train import add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(fn=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

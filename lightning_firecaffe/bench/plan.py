@@ -1,0 +1,122 @@
+"""``firecaffe-bench plan``: predict per-iteration communication, speedup and efficiency on a cluster.
+
+Pure arithmetic on the cost model (the same ``predict`` the simulator, ``auto`` and the comm benchmark
+use). An iteration on G GPUs with b images per GPU costs forward + backward compute, b * t_image, plus
+all-reducing the gradients in DDP-sized buckets. With overlap, communication hides behind backward
+(2/3 of compute) and only the excess is paid. Speedup compares images/s with one GPU at the same b.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from ..cost_model import LinkModel, predict
+
+BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb
+BACKWARD_SHARE = 2 / 3  # backward costs about twice the forward pass
+PLAN_ALGORITHMS = ("parameter_server", "tree", "pipelined_tree", "double_tree", "two_level", "ring")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    gradient_bytes: int
+    seconds_per_image: float  # forward + backward on one GPU
+
+
+@dataclass(frozen=True)
+class Prediction:
+    algorithm: str
+    gpus: int
+    batch_per_gpu: int
+    comm_s: float
+    compute_s: float
+    iteration_s: float
+    iteration_no_overlap_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.gpus * self.compute_s / self.iteration_s if self.iteration_s > 0 else float(self.gpus)
+
+    @property
+    def speedup_no_overlap(self) -> float:
+        return self.gpus * self.compute_s / self.iteration_no_overlap_s
+
+    @property
+    def efficiency(self) -> float:
+        return self.speedup / self.gpus
+
+
+def comm_time(algorithm: str, gradient_bytes: int, gpus: int, link: LinkModel, **kw) -> float:
+    """All-reduce of the whole gradient, bucket by bucket (identical buckets are priced once)."""
+    full, rest = divmod(gradient_bytes, BUCKET_BYTES)
+    total = full * predict(algorithm, BUCKET_BYTES, gpus, link, **kw) if full else 0.0
+    return total + (predict(algorithm, rest, gpus, link, **kw) if rest else 0.0)
+
+
+def plan_point(workload: Workload, algorithm: str, gpus: int, batch_per_gpu: int, link: LinkModel, **kw) -> Prediction:
+    compute = batch_per_gpu * workload.seconds_per_image
+    comm = comm_time(algorithm, workload.gradient_bytes, gpus, link, **kw) if gpus > 1 else 0.0
+    backward = BACKWARD_SHARE * compute
+    overlapped = (compute - backward) + max(backward, comm)
+    return Prediction(algorithm, gpus, batch_per_gpu, comm, compute, overlapped, compute + comm)
+
+
+def plan_table(
+    workload: Workload, gpus: int, link: LinkModel, batches: Iterable[int], algorithms=PLAN_ALGORITHMS, **kw
+) -> list[Prediction]:
+    return [plan_point(workload, a, gpus, b, link, **kw) for a in algorithms for b in batches]
+
+
+def speedup_curves(
+    workload: Workload, batch_per_gpu: int, link: LinkModel, max_gpus: int = 1024, algorithms=PLAN_ALGORITHMS, **kw
+) -> dict[str, list[tuple[int, float, float]]]:
+    """Per algorithm: (GPUs, speedup with overlap, speedup without) for 1, 2, 4, ... max_gpus."""
+    gpu_counts = [2**i for i in range(int(math.log2(max_gpus)) + 1)]
+    curves = {}
+    for a in algorithms:
+        points = [plan_point(workload, a, g, batch_per_gpu, link, **kw) for g in gpu_counts]
+        curves[a] = [(p.gpus, p.speedup, p.speedup_no_overlap) for p in points]
+    return curves
+
+
+def format_plan(rows: list[Prediction], workload: Workload, link: LinkModel) -> str:
+    head = (
+        f"{workload.name}: {workload.gradient_bytes / 1e6:.1f} MB of gradients, "
+        f"{1e3 * workload.seconds_per_image:.2f} ms/image/GPU; links {link.bandwidth_Bps * 8 / 1e9:g} Gbit/s, "
+        f"{link.latency_s * 1e6:g} us, {link.ranks_per_node} GPU(s)/node\n"
+        f"{'algorithm':<17} {'GPUs':>5} {'b/GPU':>6} {'global':>7} {'comm ms':>9} {'iter ms':>9} "
+        f"{'speedup':>8} {'eff':>6} {'no-overlap speedup':>19}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r.algorithm:<17} {r.gpus:>5} {r.batch_per_gpu:>6} {r.gpus * r.batch_per_gpu:>7} {1e3 * r.comm_s:>9.1f} "
+            f"{1e3 * r.iteration_s:>9.1f} {r.speedup:>8.1f} {r.efficiency:>6.2f} {r.speedup_no_overlap:>19.1f}"
+        )
+    return "\n".join(lines)
+
+
+def model_gradient_bytes(spec: str, num_classes: int = 1000) -> tuple[str, int]:
+    """``googlenet``, ``nin``, ``package.module:Class`` (built with no arguments) or a parameter count."""
+    import importlib
+
+    if spec.isdigit():
+        return f"{int(spec):,} parameters", 4 * int(spec)
+    if spec in ("googlenet", "nin"):
+        from .. import models
+
+        module = models.GoogLeNet(num_classes) if spec == "googlenet" else models.NiN(num_classes)
+    elif ":" in spec:
+        mod, _, cls = spec.partition(":")
+        module = getattr(importlib.import_module(mod), cls)()
+    else:
+        raise ValueError(f"unknown model {spec!r}: use googlenet, nin, package.module:Class or a parameter count")
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return spec, sum(p.numel() * p.element_size() for p in trainable)
+
+
+def with_nodes(link: LinkModel, gpus_per_node: int) -> LinkModel:
+    return replace(link, ranks_per_node=gpus_per_node)
