@@ -1,13 +1,81 @@
-"""``firecaffe-bench train`` (placeholder until the training benchmark lands)."""
+"""``firecaffe-bench train``: steps/s and images/s of ``strategy=firecaffe`` (each algorithm) vs ``ddp``.
+
+Every configuration runs the same model, data and steps; results are reported as ratios to ``ddp``
+measured in the same invocation (absolute numbers on a shared 2-core machine mean little).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..schedules import ALGORITHMS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--algorithms", default="auto,tree,pipelined_tree,double_tree,ring",
+                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(ALGORITHMS)})")
+    parser.add_argument("--model", default="nin", help="nin, googlenet or mlp")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8, help="per rank")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--hosts-rate", default=None,
+                        help="run on an emulated cluster with one rank per host and links shaped to this rate "
+                             "(e.g. 1gbit; needs root). Default: loopback")
+    parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default="bench_results")
 
 
+def _worker_args(args: argparse.Namespace, strategy: str, algorithm: str, out: str) -> list[str]:
+    return [
+        "--strategy", strategy, "--algorithm", algorithm, "--model", args.model,
+        "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--out", out,
+    ]  # fmt: skip
+
+
+def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        cmd = [sys.executable, "-m", "lightning_firecaffe.bench.train_worker",
+               *_worker_args(args, strategy, algorithm, out), "--devices", str(args.world_size)]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+            env.pop(key, None)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{strategy}/{algorithm} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+
+
 def run_train_bench(args: argparse.Namespace) -> int:
-    raise SystemExit("firecaffe-bench train: not implemented yet")
+    configs = [("ddp", "-")] + [("firecaffe", a) for a in args.algorithms.split(",") if a]
+    results = []
+    for strategy, algorithm in configs:
+        if args.hosts_rate:
+            from .cluster_runs import train_on_cluster
+
+            result = train_on_cluster(args, strategy, algorithm, _worker_args)
+        else:
+            result = run_one_local(args, strategy, algorithm)
+        results.append(result)
+        print(f"  {result['strategy']:<26} {result['steps_per_s']:.2f} steps/s", flush=True)
+    base = results[0]["images_per_s"]
+    where = f"emulated cluster, {args.hosts_rate} links" if args.hosts_rate else "loopback"
+    print(f"\n{args.model} {args.image_size}px, {args.batch}/rank, {args.world_size} ranks, {where}; "
+          f"gradients {results[0]['gradient_bytes'] / 1e6:.1f} MB")  # fmt: skip
+    print(f"{'strategy':<26} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'comm wait share':>16}")
+    for r in results:
+        share = f"{100 * r['comm_wait_share']:.0f}%" if r["comm_wait_share"] is not None else "-"
+        print(f"{r['strategy']:<26} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
+              f"{r['images_per_s'] / base:>7.2f} {share:>16}")  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps({"where": where, "results": results}, indent=2))
+    print(f"wrote {out / 'train.json'}")
+    return 0

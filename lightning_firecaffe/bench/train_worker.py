@@ -1,0 +1,127 @@
+"""One training run for ``firecaffe-bench train``: synthetic images, fixed steps, rank 0 writes timings.
+
+Runs as a script (``python -m lightning_firecaffe.bench.train_worker``) so Lightning's launcher can start
+the other local ranks, or once per rank with LOCAL_RANK/NODE_RANK/WORLD_SIZE set by an outside launcher
+(the emulated cluster, SLURM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_firecaffe  # noqa: F401
+from lightning_firecaffe import FireCaffeStrategy
+
+
+class SyntheticImages(Dataset):
+    """Random images generated once: the benchmark measures compute + communication, not decoding."""
+
+    def __init__(self, n: int, size: int, classes: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(min(n, 256), 3, size, size, generator=g)
+        self.y = torch.randint(0, classes, (min(n, 256),), generator=g)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.x[i % len(self.x)], self.y[i % len(self.y)]
+
+
+def build_backbone(name: str, classes: int, size: int) -> nn.Module:
+    if name in ("nin", "googlenet"):
+        from lightning_firecaffe import models
+
+        return models.NiN(classes) if name == "nin" else models.GoogLeNet(classes)
+    if name == "mlp":  # big gradients, little compute: a communication-bound workload
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, classes))
+    raise ValueError(f"unknown model {name!r}: use nin, googlenet or mlp")
+
+
+class Bench(LightningModule):
+    def __init__(self, model: str, classes: int, size: int):
+        super().__init__()
+        self.net = build_backbone(model, classes, size)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class StepTimer(Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._t0 = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer, *args):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="firecaffe", help="ddp, or firecaffe")
+    p.add_argument("--algorithm", default="auto")
+    p.add_argument("--model", default="nin")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="per rank")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    seed_everything(0)
+    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(algorithm=args.algorithm)
+    timer = StepTimer(args.warmup)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=strategy,
+        max_steps=args.steps + args.warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    model = Bench(args.model, 1000 if args.model != "mlp" else 10, args.image_size)
+    data = DataLoader(SyntheticImages(10**6, args.image_size, 10), batch_size=args.batch)
+    trainer.fit(model, data)
+    if trainer.global_rank == 0:
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        waits = [s.wait_s for s in list(stats.history)[args.warmup :]] if stats else []
+        step = statistics.median(timer.times)
+        result = {
+            "strategy": args.strategy if args.strategy == "ddp" else f"firecaffe:{args.algorithm}",
+            "world_size": trainer.world_size,
+            "step_s": step,
+            "steps_per_s": 1 / step,
+            "images_per_s": trainer.world_size * args.batch / step,
+            "comm_wait_share": (statistics.mean(waits) / step) if waits else None,
+            "gradient_bytes": sum(q.numel() * q.element_size() for q in model.parameters()),
+            "algorithms": dict(stats.algorithms) if stats else {},
+        }
+        Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
