@@ -1,0 +1,129 @@
+"""Large-batch experiment (issue 4, acceptance 6): does linear scaling + warm-up keep small-batch accuracy?
+
+On scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no download), a small CNN is trained
+for the same number of epochs three ways:
+
+* ``small``: the reference batch with its tuned LR (rule ``none``, poly decay);
+* ``linear+warmup``: a batch ``--factor`` x larger, LR scaled linearly with gradual warm-up (Goyal et al.);
+* ``none``: the same large batch with the reference LR left unscaled.
+
+and test top-1 is printed for each (mean and spread over ``--seeds``). Everything goes through
+:class:`lightning_firecaffe.callbacks.LargeBatchScaling`. Needs scikit-learn (``pip install scikit-learn``).
+
+    python benchmarks/large_batch.py            # ~1.5 min on 2 CPU cores (5 seeds x 3 runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_firecaffe.callbacks import LargeBatchScaling
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
+    """Stratified train/test split of the digits, pixels scaled to [0, 1], shape (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    tr, te = train_test_split(range(len(y)), test_size=test_fraction, stratify=y.numpy(), random_state=seed)
+    return (x[tr], y[tr]), (x[te], y[te])
+
+
+class DigitsCNN(pl.LightningModule):
+    """Two 3x3 convolutions and a linear classifier: big enough to overfit, small enough for a CPU."""
+
+    def __init__(self, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4):
+        super().__init__()
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+
+@torch.no_grad()
+def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+
+
+def run(batch: int, rule: str, warmup: float, args, train, test, seed: int) -> tuple[float, float]:
+    pl.seed_everything(seed, verbose=False)
+    loader = DataLoader(TensorDataset(*train), batch_size=batch, shuffle=True, drop_last=False)
+    model = DigitsCNN(lr=args.base_lr)
+    cb = LargeBatchScaling(rule=rule, reference_batch=args.ref_batch, warmup=warmup, unit="epoch",
+                           decay="poly", power=0.5, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=[cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    return top1(model, *test), cb.schedule.peak_lr
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ref-batch", type=int, default=16, help="reference (small) batch")
+    p.add_argument("--factor", type=int, default=8, help="large batch = factor x reference batch")
+    p.add_argument("--base-lr", type=float, default=0.02, help="LR tuned for the reference batch")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--rule", default="linear", choices=("linear", "sqrt"), help="rule of the scaled large-batch run")
+    p.add_argument("--warmup", type=float, default=5, help="warm-up epochs of the scaled large-batch run")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing small CPUs)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    train, test = load_digits_split()
+    big = args.ref_batch * args.factor
+    configs = [
+        ("small", args.ref_batch, "none", 0.0),
+        (f"{args.rule}+warmup", big, args.rule, args.warmup),
+        ("none", big, "none", 0.0),
+    ]
+    print(f"digits: {len(train[1])} train / {len(test[1])} test images; {args.epochs} epochs; "
+          f"reference batch {args.ref_batch} at LR {args.base_lr:g}; large batch {big} ({args.factor}x)")
+    results: dict[str, list[float]] = {}
+    for name, batch, rule, warmup in configs:
+        t0 = time.perf_counter()
+        accs = []
+        for seed in range(args.seeds):
+            acc, peak = run(batch, rule, warmup, args, train, test, seed)
+            accs.append(acc)
+        results[name] = accs
+        spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+        print(f"{name:>14}: batch {batch:4d}  peak LR {peak:<7.4g} warm-up {warmup:g} ep  "
+              f"top-1 {statistics.mean(accs):6.2f} +- {spread:.2f}  (seeds: "
+              f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)")
+    small, scaled, none = (statistics.mean(results[c[0]]) for c in configs)
+    print(f"{configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""``LargeBatchScaling``: FireCaffe's third pillar as a Lightning callback.
+
+It finds the global batch itself (per-device batch x world size x gradient accumulation), scales the
+optimizer's LR from a reference batch, warms up and decays it every optimizer step, optionally applies
+LARS, logs the LR and checkpoints its state so a resumed run continues the schedule exactly. All the
+arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wires it into the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+
+from ..large_batch import (
+    DECAYS,
+    SCALING_RULES,
+    UNITS,
+    LRSchedule,
+    apply_lars,
+    check_choice,
+    check_lr,
+    check_warmup_fits,
+    get_preset,
+)
+from ..large_batch.rules import check_decay_params
+
+# Used where neither the constructor nor a preset says otherwise.
+DEFAULTS: dict[str, Any] = {
+    "base_lr": None,  # None: each param group keeps the LR configure_optimizers gave it
+    "reference_batch": 256,  # Goyal et al.'s convention: "LR x for batch 256"
+    "rule": "linear",
+    "warmup": 0.0,
+    "unit": "epoch",
+    "decay": "poly",
+    "power": 0.5,
+    "step_size": None,
+    "gamma": 0.1,
+    "momentum": None,  # None: leave the optimizer's value
+    "weight_decay": None,
+}
+
+
+class LargeBatchScaling(Callback):
+    """Scale, warm up and decay the LR of every param group, per optimizer step, from the global batch.
+
+    Args:
+        preset: a named recipe (``firecaffe``, ``bvlc_googlenet``); explicit arguments override it.
+        rule: ``linear`` | ``sqrt`` | ``none``: how the LR grows with ``global batch / reference_batch``.
+        reference_batch: the batch the base LR was tuned for (default 256).
+        base_lr: LR at the reference batch; ``None`` keeps each param group's configured LR as its base.
+        warmup: length of the ramp from base to peak LR, in ``unit`` (0: none).
+        unit: ``epoch`` | ``step``: unit of ``warmup`` and ``step_size``.
+        decay: ``poly`` | ``step`` | ``cosine`` | ``constant``, running from the end of warm-up to the end.
+        power: exponent of ``poly`` (Caffe; FireCaffe used 0.5).
+        step_size, gamma: ``step`` decay multiplies the LR by ``gamma`` every ``step_size`` ``unit``\\ s.
+        momentum, weight_decay: if set, written into every param group at train start.
+        lars: apply the LARS trust ratio to gradients before each optimizer step (SGD-style weight decay).
+        lars_eta: LARS trust coefficient (You et al.: 0.001).
+        log_name: metric name of the logged LR (first param group; ``name-i`` for optimizer ``i`` > 0).
+        verbose: rank 0 prints one summary line when the schedule is resolved.
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        rule: str | None = None,
+        reference_batch: int | None = None,
+        base_lr: float | None = None,
+        warmup: float | None = None,
+        unit: str | None = None,
+        decay: str | None = None,
+        power: float | None = None,
+        step_size: float | None = None,
+        gamma: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
+        lars: bool = False,
+        lars_eta: float = 0.001,
+        log_name: str = "lr",
+        verbose: bool = True,
+    ) -> None:
+        settings = dict(DEFAULTS)
+        if preset is not None:
+            settings.update(get_preset(preset).callback_settings())
+        explicit = dict(
+            rule=rule, reference_batch=reference_batch, base_lr=base_lr, warmup=warmup, unit=unit, decay=decay,
+            power=power, step_size=step_size, gamma=gamma, momentum=momentum, weight_decay=weight_decay,
+        )
+        settings.update({k: v for k, v in explicit.items() if v is not None})
+        self.preset = preset
+        self.rule: str = check_choice("rule", settings["rule"], SCALING_RULES)
+        self.decay: str = check_choice("decay", settings["decay"], DECAYS)
+        self.unit: str = check_choice("unit", settings["unit"], UNITS)
+        self.base_lr: float | None = settings["base_lr"]
+        check_lr("base_lr", self.base_lr)
+        self.reference_batch = int(settings["reference_batch"])
+        if self.reference_batch < 1 or self.reference_batch != settings["reference_batch"]:
+            raise ValueError(f"reference_batch must be an integer >= 1 (got {settings['reference_batch']!r})")
+        self.warmup = float(settings["warmup"])
+        check_warmup_fits(self.warmup, self.unit)
+        self.power, self.step_size, self.gamma = settings["power"], settings["step_size"], settings["gamma"]
+        check_decay_params(self.decay, self.power, self.step_size, self.gamma)
+        self.momentum, self.weight_decay = settings["momentum"], settings["weight_decay"]
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1) (got {self.momentum!r})")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
+        if not lars_eta > 0:
+            raise ValueError(f"lars_eta must be > 0 (got {lars_eta!r})")
+        self.lars, self.lars_eta = bool(lars), float(lars_eta)
+        self.log_name, self.verbose = log_name, verbose
+
+        # Resolved at run time and checkpointed.
+        self.schedule: LRSchedule | None = None
+        self.base_lrs: list[float] | None = None
+        self.batch_layout: dict[str, int] | None = None  # per_device, world_size, accumulate
+        self._max_iter: int | None = None
+        self._steps_per_epoch: int | None = None
+        self._checked_batch = False
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def global_batch(self) -> int | None:
+        return self.schedule.global_batch if self.schedule else None
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Fail fast on a warm-up that cannot fit, before any data is loaded.
+        check_warmup_fits(self.warmup, self.unit, max_epochs=trainer.max_epochs, max_steps=trainer.max_steps)
+        # A new fit starts from scratch; a checkpoint (restored after this hook) brings the state back.
+        self.schedule = self.base_lrs = self.batch_layout = None
+        self._checked_batch = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        groups = _param_groups(trainer)
+        for name, value in (("momentum", self.momentum), ("weight_decay", self.weight_decay)):
+            if value is None:
+                continue
+            for g in groups:
+                if name not in g:
+                    rank_zero_warn(f"LargeBatchScaling: the optimizer has no {name!r}; {name}={value} ignored")
+                    break
+                g[name] = value
+        if trainer.lr_scheduler_configs:
+            rank_zero_warn(
+                "LargeBatchScaling sets the LR of every param group each step; the LR scheduler(s) returned by "
+                "configure_optimizers will be overridden. Remove them."
+            )
+        if self.base_lrs is None:  # a fresh run: the configured LRs are the base
+            self.base_lrs = [
+                float(self.base_lr if self.base_lr is not None else g.get("initial_lr", g["lr"])) for g in groups
+            ]
+        elif len(self.base_lrs) != len(groups):
+            raise ValueError(
+                f"LargeBatchScaling: the checkpoint has {len(self.base_lrs)} param groups, the optimizer has "
+                f"{len(groups)}"
+            )
+        if self.schedule is None:
+            self._max_iter, self._steps_per_epoch = _training_length(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._checked_batch:
+            self._checked_batch = True
+            layout = {
+                "per_device": int(extract_batch_size(batch)),
+                "world_size": int(trainer.world_size),
+                "accumulate": int(trainer.accumulate_grad_batches),
+            }
+            if self.schedule is None:
+                self.batch_layout = layout
+                self.schedule = self._build_schedule(math.prod(layout.values()))
+                if self.verbose:
+                    rank_zero_info(self.describe())
+            elif layout != self.batch_layout:
+                rank_zero_warn(
+                    f"LargeBatchScaling: resumed with batch layout {layout}, the checkpoint used "
+                    f"{self.batch_layout}; continuing the checkpointed schedule unchanged"
+                )
+        self._set_lrs(trainer, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.schedule is None:
+            return
+        if self.lars:
+            apply_lars(optimizer.param_groups, eta=self.lars_eta)
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        name = self.log_name if index == 0 else f"{self.log_name}-{index}"
+        pl_module.log(name, float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.schedule is None:
+            return {}
+        return {
+            "schedule": self.schedule.to_dict(),
+            "base_lrs": list(self.base_lrs or []),
+            "batch_layout": dict(self.batch_layout or {}),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.schedule = LRSchedule.from_dict(state_dict["schedule"])
+        self.base_lrs = [float(x) for x in state_dict["base_lrs"]]
+        self.batch_layout = dict(state_dict["batch_layout"])
+        self._checked_batch = False
+
+    # ----------------------------------------------------------------- helpers
+    def lr_at(self, iteration: int) -> list[float]:
+        """The LR of every param group (in optimizer order) at an optimizer step."""
+        if self.schedule is None or self.base_lrs is None:
+            raise RuntimeError("LargeBatchScaling: the schedule is resolved at the first training batch")
+        factor = self.schedule.factor_at(iteration)
+        return [b * factor for b in self.base_lrs]
+
+    def describe(self) -> str:
+        s, lay = self.schedule, self.batch_layout or {}
+        assert s is not None
+        warm = f"warm-up {s.warmup_iters} iterations" if s.warmup_iters else "no warm-up"
+        decay = {"poly": f"poly(power={s.power:g})", "step": f"step(every {s.step_size} it, gamma={s.gamma:g})"}
+        return (
+            f"LargeBatchScaling: global batch {s.global_batch} = {lay.get('per_device')} per device x "
+            f"{lay.get('world_size')} devices x {lay.get('accumulate')} accumulation; rule {s.rule} from "
+            f"reference batch {s.reference_batch}: LR {s.base_lr:g} -> peak LR {s.peak_lr:g}; {warm}; "
+            f"decay {decay.get(s.decay, s.decay)}; {s.max_iter} iterations in total"
+        )
+
+    def _build_schedule(self, global_batch: int) -> LRSchedule:
+        assert self._max_iter is not None and self.base_lrs
+        warmup_iters = self._to_iterations(self.warmup, "warmup") if self.warmup else 0
+        step_size = None
+        if self.decay == "step":
+            step_size = max(1, self._to_iterations(self.step_size, "step_size"))
+        try:
+            return LRSchedule(
+                base_lr=self.base_lrs[0], global_batch=global_batch, reference_batch=self.reference_batch,
+                max_iter=self._max_iter, rule=self.rule, warmup_iters=warmup_iters, decay=self.decay,
+                power=self.power, step_size=step_size, gamma=self.gamma,
+            )
+        except ValueError as err:
+            raise ValueError(f"LargeBatchScaling (warmup={self.warmup:g} {self.unit}s): {err}") from None
+
+    def _to_iterations(self, amount: float, option: str) -> int:
+        if self.unit == "step":
+            return int(round(amount))
+        if self._steps_per_epoch is None:
+            raise ValueError(
+                f"LargeBatchScaling: {option} is in epochs but the epoch length is unknown (iterable data "
+                "without a length); use unit='step'"
+            )
+        return int(round(amount * self._steps_per_epoch))
+
+    def _set_lrs(self, trainer: pl.Trainer, iteration: int) -> None:
+        for group, lr in zip(_param_groups(trainer), self.lr_at(iteration)):
+            group["lr"] = lr
+
+
+def _param_groups(trainer: pl.Trainer) -> list[dict]:
+    return [g for opt in trainer.optimizers for g in opt.param_groups]
+
+
+def _training_length(trainer: pl.Trainer) -> tuple[int, int | None]:
+    """(total optimizer steps, optimizer steps per epoch or None when the epoch length is unknown)."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("LargeBatchScaling needs a finite training length: set max_epochs or max_steps")
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+    return int(total), per_epoch

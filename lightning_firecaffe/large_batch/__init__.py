@@ -1,0 +1,33 @@
+"""Large-batch hyper-parameters as pure logic (no Lightning): LR scaling, warm-up, decay, LARS, presets."""
+
+from .lars import apply_lars, is_lars_exempt, trust_ratio
+from .presets import PRESETS, Preset, get_preset
+from .rules import (
+    DECAYS,
+    SCALING_RULES,
+    UNITS,
+    LRSchedule,
+    check_choice,
+    check_lr,
+    check_warmup_fits,
+    decay_factor,
+    scale_factor,
+)
+
+__all__ = [
+    "DECAYS",
+    "PRESETS",
+    "SCALING_RULES",
+    "UNITS",
+    "LRSchedule",
+    "Preset",
+    "apply_lars",
+    "check_choice",
+    "check_lr",
+    "check_warmup_fits",
+    "decay_factor",
+    "get_preset",
+    "is_lars_exempt",
+    "scale_factor",
+    "trust_ratio",
+]
