@@ -80,7 +80,8 @@ class _FifoWorker:
 class FireCaffeHookState:
     """Everything the hook needs; runtime parts (thread, scratch) are built lazily in the using process."""
 
-    group: Any
+    group: Any  # messages from lower to higher ranks
+    group_reverse: Any  # the other direction (see ScheduleExecutor)
     rank: int
     world_size: int
     selector: ScheduleSelector
@@ -94,7 +95,7 @@ class FireCaffeHookState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_executor=None, _worker=None, _pid=None, group=None)
+        state.update(_executor=None, _worker=None, _pid=None, group=None, group_reverse=None)
         return state
 
     @property
@@ -115,7 +116,12 @@ class FireCaffeHookState:
             self._pid = os.getpid()
             self._worker = None
             self._executor = ScheduleExecutor(
-                self.rank, self.world_size, group=self.group, stall_timeout=self.stall_timeout, batched=self.inline
+                self.rank,
+                self.world_size,
+                group=self.group,
+                group_reverse=self.group_reverse,
+                stall_timeout=self.stall_timeout,
+                batched=self.inline,
             )
 
     def close(self) -> None:
@@ -123,14 +129,15 @@ class FireCaffeHookState:
         if self._pid == os.getpid():
             if self._worker is not None:
                 self._worker.stop()
-            if self.group is not None and dist.is_initialized():
-                try:
-                    dist.destroy_process_group(self.group)
-                except Exception:  # already gone (e.g. after a failure): nothing left to release
-                    pass
+            for group in (self.group, self.group_reverse):
+                if group is not None and dist.is_initialized():
+                    try:
+                        dist.destroy_process_group(group)
+                    except Exception:  # already gone (e.g. after a failure): nothing left to release
+                        pass
         self._worker = None
         self._executor = None
-        self.group = None
+        self.group = self.group_reverse = None
 
     def reduce_bucket(self, buffer: torch.Tensor, index: int, is_last: bool, step: int) -> None:
         """Average ``buffer`` across ranks in place and record what it cost."""

@@ -46,8 +46,27 @@ class _Pending:
 
 
 @dataclass
+class _Round:
+    """One round of this rank: (step, lo, hi, scratch span or None for in-place) per message."""
+
+    t: int
+    entries: list
+    scratch_need: int
+    arena: int = 0
+    small: bool = False
+    scratch: Any = None
+    pending: list = field(default_factory=list)
+    posted: set = field(default_factory=set)
+
+
+@dataclass
 class ScheduleExecutor:
     """Executes schedules for one rank of ``group`` (a dedicated group whose ranks equal global ranks).
+
+    Messages from a lower to a higher rank travel on ``group``, the other direction on ``group_reverse``:
+    gloo keeps one TCP connection per pair and group, and a connection carrying both directions at once
+    (a tree's reduction going up while the broadcast comes down) moves about half as fast on a
+    bandwidth-limited link, measured on the emulated cluster. Two groups give each direction its own.
 
     ``batched=True`` posts each round with ``batch_isend_irecv`` (needed by NCCL); otherwise plain
     ``isend``/``irecv`` with tags derived from (bucket, round, chunk), which gloo matches per peer.
@@ -56,9 +75,11 @@ class ScheduleExecutor:
     rank: int
     world_size: int
     group: Any = None
+    group_reverse: Any = None
     stall_timeout: float = 60.0
     batched: bool = False
     counters: TransferCounters = field(default_factory=TransferCounters)
+    overlap_bytes: int = 4 << 20  # extra scratch allowed for overlapping one round's additions with the next
     _scratch: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -66,8 +87,8 @@ class ScheduleExecutor:
         """Bytes held in reusable receive buffers (the executor's extra memory)."""
         return sum(t.numel() * t.element_size() for t in self._scratch.values())
 
-    def _scratch_for(self, like: torch.Tensor, numel: int) -> torch.Tensor:
-        key = (like.dtype, like.device)
+    def _scratch_for(self, like: torch.Tensor, numel: int, arena: int) -> torch.Tensor:
+        key = (like.dtype, like.device, arena)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=like.dtype, device=like.device)
@@ -75,71 +96,108 @@ class ScheduleExecutor:
         return buf
 
     def all_reduce_(self, buffer: torch.Tensor, schedule: Schedule, *, bucket: int = 0, step: int = 0) -> torch.Tensor:
-        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``."""
+        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``.
+
+        Rounds run in order, software-pipelined where the data allow it: while round t's messages are
+        on the wire, round t-1's received data is added into the buffer (unless round t sends or
+        overwrites it) and round t+1's receives are already posted, so a peer never waits for this
+        rank to wake up before it can send. Only "small" rounds (receive buffers within
+        ``overlap_bytes``) take part; a whole-bucket round runs alone in one bucket-sized buffer.
+        """
         if schedule.world_size != self.world_size:
             raise ValueError(f"schedule is for {schedule.world_size} ranks, group has {self.world_size}")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("all_reduce_ needs a flat contiguous buffer")
         offsets = chunk_offsets(buffer.numel(), schedule.num_chunks)
-        my_rounds = schedule.steps_of(self.rank)
-        for t, steps in enumerate(my_rounds):
-            if steps:
-                self._run_round(buffer, steps, offsets, schedule, t, bucket, step)
+        rounds = []
+        for t, steps in enumerate(schedule.steps_of(self.rank)):
+            live = [s for s in steps if offsets[s.hi] > offsets[s.lo]]
+            if live:
+                rounds.append(self._plan(live, offsets, t, len(rounds), buffer.element_size()))
+        unapplied: _Round | None = None
+        for i, current in enumerate(rounds):
+            if unapplied is not None and not self._can_overlap(unapplied, current):
+                self._apply(unapplied, buffer)
+                unapplied = None
+            self._post(current, buffer, schedule, bucket, receives_only=False)
+            if unapplied is not None:
+                self._apply(unapplied, buffer)  # while this round's messages travel
+                unapplied = None
+            if i + 1 < len(rounds) and rounds[i + 1].small and current.small:
+                self._post(rounds[i + 1], buffer, schedule, bucket, receives_only=True)
+            self._wait_all(current.pending, bucket, step)
+            unapplied = current
+        if unapplied is not None:
+            self._apply(unapplied, buffer)
         return buffer
 
-    def _run_round(self, buffer, steps, offsets, schedule, t, bucket, step) -> None:
-        live = [s for s in steps if offsets[s.hi] > offsets[s.lo]]
-        if not live:
-            return
-        sent_ranges = [(offsets[s.lo], offsets[s.hi]) for s in live if s.op is Op.SEND]
-        scratch_need = 0
-        plan = []  # (step, destination view, view to apply into or None)
+    def _plan(self, live: list, offsets: list[int], t: int, position: int, itemsize: int) -> "_Round":
+        sent = [(offsets[s.lo], offsets[s.hi]) for s in live if s.op is Op.SEND]
+        entries, need = [], 0
         for s in live:
             lo, hi = offsets[s.lo], offsets[s.hi]
-            view = buffer[lo:hi]
-            overlaps_send = any(a < hi and lo < b for a, b in sent_ranges)
+            overlaps_send = any(a < hi and lo < b for a, b in sent)
             if s.op is Op.RECV_ADD or (s.op is Op.RECV_COPY and overlaps_send):
-                plan.append((s, (scratch_need, scratch_need + hi - lo), view))
-                scratch_need += hi - lo
+                entries.append((s, lo, hi, (need, need + hi - lo)))
+                need += hi - lo
             else:
-                plan.append((s, None, view))
-        scratch = self._scratch_for(buffer, scratch_need) if scratch_need else None
+                entries.append((s, lo, hi, None))
+        small = need * itemsize <= self.overlap_bytes
+        # small rounds alternate between two small receive buffers; big ones use the bucket-sized one
+        return _Round(t, entries, need, arena=(1 + position % 2) if small else 0, small=small)
 
-        ops, pending = [], []
-        for s, span, view in plan:
-            target = view if span is None else scratch[span[0] : span[1]]
-            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + t) * (schedule.num_chunks + 1) + s.lo
+    @staticmethod
+    def _can_overlap(before: "_Round", after: "_Round") -> bool:
+        """True if ``after`` may start before ``before``'s received data is written into the buffer."""
+        if not (before.small and after.small):
+            return False
+        writes = [(lo, hi) for s, lo, hi, span in before.entries if s.op is not Op.SEND and span is not None]
+        touched = [(lo, hi) for s, lo, hi, span in after.entries if s.op is Op.SEND or span is None]
+        return not any(a < d and c < b for a, b in writes for c, d in touched)
+
+    def _post(self, rnd: "_Round", buffer: torch.Tensor, schedule: Schedule, bucket: int, receives_only: bool) -> None:
+        """Post this round's messages; with ``receives_only``, just the receives into scratch (early)."""
+        if rnd.scratch is None and rnd.scratch_need:
+            rnd.scratch = self._scratch_for(buffer, rnd.scratch_need, rnd.arena)
+        reverse = self.group if self.group_reverse is None else self.group_reverse
+        ops = []
+        for index, (s, lo, hi, span) in enumerate(rnd.entries):
+            if index in rnd.posted or (receives_only and (s.op is Op.SEND or span is None)):
+                continue
+            rnd.posted.add(index)
+            target = buffer[lo:hi] if span is None else rnd.scratch[span[0] : span[1]]
+            low, high = (self.rank, s.peer) if s.op is Op.SEND else (s.peer, self.rank)
+            group = self.group if low < high else reverse
+            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + rnd.t) * (schedule.num_chunks + 1) + s.lo
             tag %= _TAG_SPACE
             verb = "sending to" if s.op is Op.SEND else "receiving from"
-            desc = f"{verb} rank {s.peer} chunks [{s.lo}, {s.hi}) of round {t}"
-            if self.batched:
-                fn = dist.isend if s.op is Op.SEND else dist.irecv
-                ops.append(dist.P2POp(fn, target, s.peer, self.group, tag))
-            elif s.op is Op.SEND:
-                pending.append(_Pending(dist.isend(target, dst=s.peer, group=self.group, tag=tag), desc, s.peer))
-            else:
-                pending.append(_Pending(dist.irecv(target, src=s.peer, group=self.group, tag=tag), desc, s.peer))
+            desc = f"{verb} rank {s.peer} chunks [{s.lo}, {s.hi}) of round {rnd.t}"
             nbytes = target.numel() * target.element_size()
             if s.op is Op.SEND:
                 self.counters.bytes_sent += nbytes
             else:
                 self.counters.bytes_received += nbytes
             self.counters.messages += 1
-        if self.batched:
-            works = dist.batch_isend_irecv(ops)
-            pending = [
-                _Pending(w, f"round {t} with ranks {sorted({s.peer for s, _, _ in plan})}", -1) for w in works
-            ]
-        self._wait_all(pending, bucket, step)
+            if self.batched:
+                ops.append(dist.P2POp(dist.isend if s.op is Op.SEND else dist.irecv, target, s.peer, group, tag))
+            elif s.op is Op.SEND:
+                rnd.pending.append(_Pending(dist.isend(target, dst=s.peer, group=group, tag=tag), desc, s.peer))
+            else:
+                rnd.pending.append(_Pending(dist.irecv(target, src=s.peer, group=group, tag=tag), desc, s.peer))
+        if ops:
+            peers = sorted({s.peer for s, *_ in rnd.entries})
+            rnd.pending += [_Pending(w, f"round {rnd.t} with ranks {peers}", -1) for w in dist.batch_isend_irecv(ops)]
 
-        for s, span, view in plan:
+    @staticmethod
+    def _apply(rnd: "_Round", buffer: torch.Tensor) -> None:
+        for s, lo, hi, span in rnd.entries:
             if span is None:
                 continue
-            received = scratch[span[0] : span[1]]
+            received = rnd.scratch[span[0] : span[1]]
             if s.op is Op.RECV_ADD:
-                view.add_(received)
+                buffer[lo:hi].add_(received)
             else:
-                view.copy_(received)
+                buffer[lo:hi].copy_(received)
 
     def _wait_all(self, pending: list[_Pending], bucket: int, step: int) -> None:
         deadline = time.monotonic() + self.stall_timeout

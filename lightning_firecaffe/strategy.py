@@ -92,12 +92,14 @@ class FireCaffeStrategy(DDPStrategy):
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, DistributedDataParallel)
         backend = self._get_process_group_backend()
-        # Collective call: every rank reaches configure_ddp in the same order, so group creation matches.
-        group = dist.new_group(backend=backend)
+        # Collective calls: every rank reaches configure_ddp in the same order, so group creation matches.
+        # Two groups: one TCP connection per direction of each pair (see ScheduleExecutor).
+        group, group_reverse = dist.new_group(backend=backend), dist.new_group(backend=backend)
         world_size = dist.get_world_size(group)
         link = dataclasses.replace(self.link, ranks_per_node=max(1, self.num_processes))
         self._hook_state = FireCaffeHookState(
             group=group,
+            group_reverse=group_reverse,
             rank=dist.get_rank(group),
             world_size=world_size,
             selector=ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link),

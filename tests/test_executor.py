@@ -47,7 +47,7 @@ def test_every_algorithm_equals_dist_all_reduce(world_size):
         bad = [key for key, ok in report.items() if not ok]
         assert not bad, f"rank {rank} differs from dist.all_reduce for {bad}"
         assert sent > 0
-        assert scratch <= 5000 * 4, "scratch must stay within one buffer"
+        assert scratch <= 2 * 5000 * 4, "scratch: one buffer, plus one more round while overlapping"
 
 
 def _die_or_wait(rank, world_size):
@@ -117,11 +117,11 @@ def _peak_scratch(rank, world_size):
 
 def test_extra_memory_is_one_bucket_or_a_few_chunks():
     results = run_ranks(_peak_scratch, 4, timeout=100)
-    bucket, chunk = 4_000_000, 256 * 1024
+    bucket, chunk, overlap = 4_000_000, 256 * 1024, ScheduleExecutor(0, 1).overlap_bytes
     for rank, (status, peaks) in results.items():
         assert status == "ok", peaks
-        for algorithm in ("pipelined_tree", "double_tree"):
-            assert peaks[algorithm] <= 3 * chunk + 8, (rank, algorithm, peaks[algorithm])
-        assert peaks["ring"] <= bucket // 4, "ring: one of p chunks"
-        for algorithm in ("tree", "parameter_server", "two_level"):
-            assert peaks[algorithm] <= bucket, (rank, algorithm, peaks[algorithm])
+        for algorithm in ("pipelined_tree", "double_tree"):  # two rounds of at most 3 chunks
+            assert peaks[algorithm] <= 2 * 3 * chunk + 8, (rank, algorithm, peaks[algorithm])
+        assert peaks["ring"] <= 2 * 2 * chunk // 2 + 8, "ring: two rounds of two pieces of at most half a chunk"
+        for algorithm in ("tree", "parameter_server", "two_level"):  # one bucket, or two small rounds
+            assert peaks[algorithm] <= max(bucket, 2 * overlap), (rank, algorithm, peaks[algorithm])

@@ -69,8 +69,8 @@ def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None =
     """Run on every rank (process group already initialised); rank 0's return value is the report."""
     if link is None:
         link = calibrate_link(rank, world_size, spec.ranks_per_node) if spec.calibrate and world_size > 1 else LinkModel()
-    group = dist.new_group()  # like the strategy: p2p traffic on its own group
-    executor = ScheduleExecutor(rank, world_size, group=group, stall_timeout=120)
+    groups = dist.new_group(), dist.new_group()  # like the strategy: p2p traffic on its own groups
+    executor = ScheduleExecutor(rank, world_size, group=groups[0], group_reverse=groups[1], stall_timeout=120)
     default_link = LinkModel(ranks_per_node=spec.ranks_per_node)  # what strategy="firecaffe" assumes
     records = []
     for nbytes in spec.sizes:

@@ -16,15 +16,28 @@ def parameter_server(world_size: int, num_chunks: int = 1, **_: object) -> Sched
 
 
 def ring(world_size: int, num_chunks: int | None = None, **_: object) -> Schedule:
-    """Reduce-scatter then all-gather around the ring 0 -> 1 -> ... -> p-1 -> 0, one chunk per rank."""
+    """Reduce-scatter then all-gather around the ring, in both directions at once.
+
+    The buffer has two halves, one travelling 0 -> 1 -> ... -> p-1 -> 0 and one the other way round
+    (as gloo's chunked ring does): per link the bytes are those of one ring, but two connections keep
+    each link busy while the other waits for its next piece. Each half has p segments of k pieces
+    (``num_chunks`` = 2 p k; an odd count falls back to one direction). A piece received in round t is
+    forwarded in round t + k, so with k >= 2 the executor adds one piece while the next is on the wire.
+    """
     p = world_size
+    total = num_chunks or p
+    directions = 2 if total % (2 * p) == 0 else 1
+    k = max(1, total // (directions * p))
     transfers = []
-    for s in range(p - 1):
-        for r in range(p):
-            c = (r - s) % p
-            transfers.append(Transfer(s, r, (r + 1) % p, c, c + 1))
-    for s in range(p - 1):
-        for r in range(p):
-            c = (r + 1 - s) % p
-            transfers.append(Transfer(p - 1 + s, r, (r + 1) % p, c, c + 1, reduce=False))
-    return build("ring", world_size, p, transfers)
+    for direction in range(directions):
+        step, base = (1, 0) if direction == 0 else (-1, p * k)
+        for phase, reduce in ((0, True), (1, False)):
+            for s in range(p - 1):
+                for j in range(k):
+                    rnd = (phase * (p - 1) + s) * k + j
+                    for r in range(p):
+                        position = (r * step) % p  # where r sits along this direction's ring
+                        segment = (position - s) % p if reduce else (position + 1 - s) % p
+                        c = base + segment * k + j
+                        transfers.append(Transfer(rnd, r, (r + step) % p, c, c + 1, reduce))
+    return build("ring", world_size, directions * p * k, transfers)
