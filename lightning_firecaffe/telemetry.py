@@ -43,6 +43,15 @@ class CommStats:
         self.totals = CommTotals()
         self.algorithms: dict[int, str] = {}  # bucket bytes -> algorithm used
 
+    def __getstate__(self) -> dict:  # spawn pickles the strategy, and with it these stats
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def bucket_ready(self, is_last: bool) -> None:
         if is_last:
             with self._lock:

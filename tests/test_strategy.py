@@ -87,7 +87,7 @@ pytestmark_mp = [pytest.mark.multiprocess, pytest.mark.timeout(400)]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Each configuration trained once with DDP and once with FireCaffe (11 short 2-rank trainings)."""
+    """Each configuration trained once with DDP and once with FireCaffe (short 2-rank trainings)."""
     r = {}
     r["ddp"] = trained(tmp_path_factory, "ddp", "--strategy", "ddp")
     r["fc"] = trained(tmp_path_factory, "fc", "--strategy", "firecaffe")
@@ -97,12 +97,17 @@ def runs(tmp_path_factory):
     r["fc_unused"] = trained(tmp_path_factory, "fc_unused", "--object", "--algorithm", "pipelined_tree", "--unused")
     r["ddp_bf16"] = trained(tmp_path_factory, "ddp_bf16", "--strategy", "ddp", "--precision", "bf16-mixed")
     r["fc_bf16"] = trained(tmp_path_factory, "fc_bf16", "--strategy", "firecaffe_ring", "--precision", "bf16-mixed")
+    r["ddp_buckets"] = trained(tmp_path_factory, "ddp_buckets", "--strategy", "ddp", "--bucket-cap-mb", "0.001")
+    r["fc_buckets"] = trained(tmp_path_factory, "fc_buckets", "--object", "--algorithm", "double_tree", "--bucket-cap-mb", "0.001")
+    r["ddp_spawn"] = r["ddp_fork"] = r["ddp"]  # the launcher does not change the arithmetic
+    r["fc_spawn"] = trained(tmp_path_factory, "fc_spawn", "--strategy", "firecaffe_spawn")
+    r["fc_fork"] = trained(tmp_path_factory, "fc_fork", "--strategy", "firecaffe_fork")
     return r
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("variant", ["", "_acc", "_unused", "_bf16"])
+@pytest.mark.parametrize("variant", ["", "_acc", "_unused", "_bf16", "_buckets", "_spawn", "_fork"])
 def test_weights_bitwise_equal_to_ddp_and_hook_really_ran(runs, variant):
     ddp_weights, ddp_facts = runs["ddp" + variant]
     fc_weights, fc_facts = runs["fc" + variant]

@@ -74,6 +74,7 @@ def main(argv=None):
     p.add_argument("--max-steps", type=int, default=6)
     p.add_argument("--resume", default=None)
     p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--bucket-cap-mb", type=float, default=None, help="tiny values give many buckets")
     p.add_argument("--die-at", type=int, default=-1)
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--out", required=True)
@@ -83,10 +84,17 @@ def main(argv=None):
     seed_everything(1234, workers=True)
 
     strategy = args.strategy
+    ddp_kwargs = {}
+    if args.bucket_cap_mb is not None:
+        ddp_kwargs = {"bucket_cap_mb": args.bucket_cap_mb, "gradient_as_bucket_view": True}
     if args.object:
         strategy = FireCaffeStrategy(
-            algorithm=args.algorithm, stall_timeout=args.stall_timeout, find_unused_parameters=args.unused
+            algorithm=args.algorithm, stall_timeout=args.stall_timeout, find_unused_parameters=args.unused, **ddp_kwargs
         )
+    elif args.strategy == "ddp" and ddp_kwargs:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(**ddp_kwargs)
     elif args.unused:
         strategy = f"{args.strategy}_find_unused_parameters_true" if args.strategy == "ddp" else strategy
     callbacks = [Facts(out)]
