@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning.pytorch.utilities import rank_zero_info
+
+from .calibration import measure_link
 from .comm_hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .cost_model import LinkModel
 from .schedules import ALGORITHMS
@@ -39,7 +42,10 @@ class FireCaffeStrategy(DDPStrategy):
         arity: children per tree node (2 = binary).
         chunk_bytes: piece size streamed by the pipelined algorithms.
         stall_timeout: seconds a rank waits for a silent peer before failing with an error naming it.
-        link: the cluster's links for ``auto`` (latency, bandwidth); ranks per node come from ``devices``.
+        link: what ``auto`` assumes about the network: a ``LinkModel`` (default: 10 Gbit/s, 30 us), or
+            ``"measure"`` to time it with a ping-pong at start-up (adapts to the real links, but a
+            different measurement may pick a different algorithm, so results are not bitwise
+            reproducible from run to run at more than 2 ranks). Ranks per node come from ``devices``.
         **kwargs: every ``DDPStrategy`` argument (``bucket_cap_mb``, ``find_unused_parameters``,
             ``process_group_backend``, ``timeout``, ``start_method``, ...).
     """
@@ -52,7 +58,7 @@ class FireCaffeStrategy(DDPStrategy):
         arity: int = 2,
         chunk_bytes: int = 1 << 20,
         stall_timeout: float = 60.0,
-        link: Optional[LinkModel] = None,
+        link: Union[LinkModel, str, None] = None,
         ddp_comm_wrapper: Optional[Callable] = None,
         **kwargs: Any,
     ) -> None:
@@ -72,7 +78,10 @@ class FireCaffeStrategy(DDPStrategy):
             isinstance(stall_timeout, (int, float)) and math.isfinite(stall_timeout) and stall_timeout > 0,
             f"FireCaffeStrategy: stall_timeout={stall_timeout!r} must be a positive, finite number of seconds",
         )
-        _check(link is None or isinstance(link, LinkModel), f"FireCaffeStrategy: link must be a LinkModel, got {link!r}")
+        _check(
+            link is None or link == "measure" or isinstance(link, LinkModel),
+            f"FireCaffeStrategy: link={link!r} must be a LinkModel, 'measure' or None",
+        )
         for taken in ("ddp_comm_hook", "ddp_comm_state"):
             _check(
                 kwargs.get(taken) is None,
@@ -86,6 +95,7 @@ class FireCaffeStrategy(DDPStrategy):
         self.chunk_bytes = chunk_bytes
         self.stall_timeout = float(stall_timeout)
         self.link = link or LinkModel()
+        self.measured_link: Optional[LinkModel] = None
         self.comm_stats = CommStats()
         self._hook_state: Optional[FireCaffeHookState] = None
 
@@ -96,7 +106,16 @@ class FireCaffeStrategy(DDPStrategy):
         # Two groups: one TCP connection per direction of each pair (see ScheduleExecutor).
         group, group_reverse = dist.new_group(backend=backend), dist.new_group(backend=backend)
         world_size = dist.get_world_size(group)
-        link = dataclasses.replace(self.link, ranks_per_node=max(1, self.num_processes))
+        ranks_per_node = max(1, self.num_processes)
+        if self.link == "measure":
+            rank = dist.get_rank(group)
+            self.measured_link = link = measure_link(rank, world_size, ranks_per_node, group=group, device=self.root_device)
+            rank_zero_info(
+                f"FireCaffe: measured links {link.bandwidth_Bps * 8 / 1e9:.2f} Gbit/s, {link.latency_s * 1e6:.0f} us "
+                "latency; `auto` picks algorithms for them"
+            )
+        else:
+            link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
         self._hook_state = FireCaffeHookState(
             group=group,
             group_reverse=group_reverse,

@@ -125,3 +125,16 @@ def test_extra_memory_is_one_bucket_or_a_few_chunks():
         assert peaks["ring"] <= 2 * 2 * chunk // 2 + 8, "ring: two rounds of two pieces of at most half a chunk"
         for algorithm in ("tree", "parameter_server", "two_level"):  # one bucket, or two small rounds
             assert peaks[algorithm] <= max(bucket, 2 * overlap), (rank, algorithm, peaks[algorithm])
+
+
+def _measure(rank, world_size):
+    from lightning_firecaffe.calibration import measure_link
+
+    return measure_link(rank, world_size, ranks_per_node=1)
+
+
+def test_measured_link_is_the_same_on_every_rank_and_plausible():
+    results = run_ranks(_measure, 3, timeout=60)
+    links = [value for status, value in results.values() if status == "ok"]
+    assert len(links) == 3 and links[0] == links[1] == links[2]
+    assert 0 < links[0].latency_s < 0.5 and links[0].bandwidth_Bps > 1e7  # loopback: well above 10 MB/s

@@ -54,6 +54,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         ({"stall_timeout": -1.0}, "stall_timeout", "positive"),
         ({"stall_timeout": float("inf")}, "stall_timeout", "finite"),
         ({"ddp_comm_hook": lambda s, b: None}, "ddp_comm_hook", "own comm hook"),
+        ({"link": "guess"}, "link", "'measure'"),
     ],
 )
 def test_bad_options_raise_value_error_naming_option_and_allowed_values(kwargs, option, allowed):
@@ -92,7 +93,9 @@ def runs(tmp_path_factory):
     r["ddp"] = trained(tmp_path_factory, "ddp", "--strategy", "ddp")
     r["fc"] = trained(tmp_path_factory, "fc", "--strategy", "firecaffe")
     r["ddp_acc"] = trained(tmp_path_factory, "ddp_acc", "--strategy", "ddp", "--accumulate", "2")
-    r["fc_acc"] = trained(tmp_path_factory, "fc_acc", "--object", "--algorithm", "tree", "--accumulate", "2")
+    r["fc_acc"] = trained(
+        tmp_path_factory, "fc_acc", "--object", "--algorithm", "auto", "--link", "measure", "--accumulate", "2"
+    )
     r["ddp_unused"] = trained(tmp_path_factory, "ddp_unused", "--strategy", "ddp", "--unused")
     r["fc_unused"] = trained(tmp_path_factory, "fc_unused", "--object", "--algorithm", "pipelined_tree", "--unused")
     r["ddp_bf16"] = trained(tmp_path_factory, "ddp_bf16", "--strategy", "ddp", "--precision", "bf16-mixed")

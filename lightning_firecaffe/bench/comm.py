@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..calibration import measure_link
 from ..comm_hook import ScheduleSelector
 from ..cost_model import LinkModel, predict
 from ..executor import ScheduleExecutor
@@ -39,36 +40,10 @@ class CommSpec:
     calibrate: bool = True
 
 
-def calibrate_link(rank: int, world_size: int, ranks_per_node: int = 1) -> LinkModel:
-    """Ping-pong between ranks 0 and the first rank on another node: latency from 4-byte round trips,
-    bandwidth from 8 MB one-way transfers. Every rank returns the same LinkModel."""
-    peer = min(ranks_per_node, world_size - 1)
-    figures = torch.zeros(2, dtype=torch.float64)
-    dist.barrier()
-    if rank in (0, peer):
-        other = peer if rank == 0 else 0
-        for size, reps, slot in ((1, 20, 0), (2 * 1024 * 1024, 3, 1)):
-            buf = torch.zeros(size)
-            dist.send(buf, other) if rank == 0 else dist.recv(buf, other)  # warm the connection
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                if rank == 0:
-                    dist.send(buf, other)
-                    dist.recv(buf, other)
-                else:
-                    dist.recv(buf, other)
-                    dist.send(buf, other)
-            figures[slot] = (time.perf_counter() - t0) / reps / 2  # one way
-    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    latency = float(figures[0])
-    bandwidth = 2 * 1024 * 1024 * 4 / max(float(figures[1]) - latency, 1e-9)
-    return LinkModel(latency_s=latency, bandwidth_Bps=bandwidth, ranks_per_node=ranks_per_node)
-
-
 def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None = None) -> dict[str, Any]:
     """Run on every rank (process group already initialised); rank 0's return value is the report."""
     if link is None:
-        link = calibrate_link(rank, world_size, spec.ranks_per_node) if spec.calibrate and world_size > 1 else LinkModel()
+        link = measure_link(rank, world_size, spec.ranks_per_node) if spec.calibrate and world_size > 1 else LinkModel()
     groups = dist.new_group(), dist.new_group()  # like the strategy: p2p traffic on its own groups
     executor = ScheduleExecutor(rank, world_size, group=groups[0], group_reverse=groups[1], stall_timeout=120)
     default_link = LinkModel(ranks_per_node=spec.ranks_per_node)  # what strategy="firecaffe" assumes

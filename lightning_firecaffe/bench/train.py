@@ -18,8 +18,9 @@ from ..schedules import ALGORITHMS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algorithms", default="auto,tree,pipelined_tree,double_tree,ring",
-                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(ALGORITHMS)})")
+    parser.add_argument("--algorithms", default="auto,auto:measure,tree,pipelined_tree,double_tree,ring",
+                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(ALGORITHMS)}; "
+                             "'auto:measure' = auto with links timed at start-up)")
     parser.add_argument("--model", default="nin", help="nin, googlenet or mlp")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="per rank")

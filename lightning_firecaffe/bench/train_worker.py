@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seed_everything(0)
-    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(algorithm=args.algorithm)
+    algorithm, _, link = args.algorithm.partition(":")  # "auto:measure" = auto with measured links
+    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(algorithm=algorithm, link=link or None)
     timer = StepTimer(args.warmup)
     trainer = Trainer(
         accelerator="cpu",

@@ -68,6 +68,7 @@ def main(argv=None):
     p.add_argument("--strategy", default="firecaffe")
     p.add_argument("--object", action="store_true", help="pass FireCaffeStrategy(...) instead of a name")
     p.add_argument("--algorithm", default="tree")
+    p.add_argument("--link", default=None, help="'measure' to time the links at start-up")
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--unused", action="store_true")
     p.add_argument("--precision", default="32-true")
@@ -89,7 +90,11 @@ def main(argv=None):
         ddp_kwargs = {"bucket_cap_mb": args.bucket_cap_mb, "gradient_as_bucket_view": True}
     if args.object:
         strategy = FireCaffeStrategy(
-            algorithm=args.algorithm, stall_timeout=args.stall_timeout, find_unused_parameters=args.unused, **ddp_kwargs
+            algorithm=args.algorithm,
+            stall_timeout=args.stall_timeout,
+            find_unused_parameters=args.unused,
+            link=args.link,
+            **ddp_kwargs,
         )
     elif args.strategy == "ddp" and ddp_kwargs:
         from lightning.pytorch.strategies import DDPStrategy
