@@ -25,8 +25,8 @@ def num_chunks_for(algorithm: str, nbytes: int, world_size: int, chunk_bytes: in
     """How many chunks an algorithm cuts a buffer into: pipelined ones stream ``chunk_bytes`` pieces."""
     if algorithm in ("tree", "parameter_server"):
         return 1
-    if algorithm == "ring":  # two directions x p segments x k >= 2 pieces (overlap) of at most half a chunk
-        return 2 * world_size * max(2, math.ceil(2 * nbytes / (2 * world_size) / chunk_bytes))
+    if algorithm == "ring":  # two directions x p segments x k >= 2 pieces (overlap) of at most 2 chunks
+        return 2 * world_size * max(2, math.ceil(nbytes / (2 * world_size) / (2 * chunk_bytes)))
     pieces = max(1, math.ceil(nbytes / chunk_bytes))
     if algorithm == "double_tree":
         return 2 * max(1, math.ceil(pieces / 2))
