@@ -1,5 +1,8 @@
 """A tiny Hydra app shaped like ``firecaffe-train`` (``trainer.devices``, ``trainer.num_nodes`` overrides).
 
+tests/test_slurm.py trains with the real ``firecaffe-train``; this stand-in remains for the dead-job test
+(``die=true``: every task exits at once, which only SLURM accounting can report).
+
     python tests/slurm_app/hydra_app.py out_dir=/tmp/x trainer.devices=2
     python tests/slurm_app/hydra_app.py -m hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=2 ...
 
