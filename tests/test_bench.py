@@ -37,7 +37,8 @@ def test_comm_bench_on_loopback_writes_json_and_png(tmp_path):
     for r in rows:
         assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["predicted_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 * 2 / 3)
-        assert r["peak_extra_bytes"] <= 2 * 64_000, "scratch: one bucket plus a chunk at most"
+        # small messages: two rounds in flight, each with at most three 64 KB receive buffers
+        assert 0 < r["peak_extra_bytes"] <= 2 * 3 * 64_000
     assert (tmp_path / "comm.png").read_bytes()[:8] == PNG_MAGIC
 
 
