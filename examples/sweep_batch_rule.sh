@@ -11,14 +11,17 @@
 set -euo pipefail
 
 EPOCHS="${EPOCHS:-4}"
+BATCHES="${BATCHES:-64,256,512}"
+RULES="${RULES:-none,sqrt,linear}"
+WARMUP="${WARMUP:-1}"
 SWEEP_DIR="${SWEEP_DIR:-logs/sweep_batch_rule/$(date +%Y-%m-%d_%H-%M-%S)}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 ${FIRECAFFE_TRAIN:-firecaffe-train} -m \
     experiment=demo task_name=sweep_batch_rule hydra.sweep.dir="$SWEEP_DIR" \
-    global_batch_size=64,256,512 \
-    callbacks.large_batch.rule=none,sqrt,linear \
-    callbacks.large_batch.warmup=1 \
+    global_batch_size="$BATCHES" \
+    callbacks.large_batch.rule="$RULES" \
+    callbacks.large_batch.warmup="$WARMUP" \
     trainer.max_epochs="$EPOCHS" \
     callbacks.progress_bar.refresh_rate=0 \
     "$@"
