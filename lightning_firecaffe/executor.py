@@ -119,12 +119,15 @@ class ScheduleExecutor:
             if unapplied is not None and not self._can_overlap(unapplied, current):
                 self._apply(unapplied, buffer)
                 unapplied = None
-            self._post(current, buffer, schedule, bucket, receives_only=False)
+            self._post(current, buffer, schedule, bucket, only=None)
             if unapplied is not None:
                 self._apply(unapplied, buffer)  # while this round's messages travel
                 unapplied = None
-            if i + 1 < len(rounds) and rounds[i + 1].small and current.small:
-                self._post(rounds[i + 1], buffer, schedule, bucket, receives_only=True)
+            upcoming = rounds[i + 1] if i + 1 < len(rounds) else None
+            if upcoming is not None and upcoming.small and current.small:
+                self._post(upcoming, buffer, schedule, bucket, only="receives")
+                if not self._reads_in_flight(current, upcoming):
+                    self._post(upcoming, buffer, schedule, bucket, only="sends")  # keep the links streaming
             self._wait_all(current.pending, bucket, step)
             unapplied = current
         if unapplied is not None:
@@ -155,14 +158,26 @@ class ScheduleExecutor:
         touched = [(lo, hi) for s, lo, hi, span in after.entries if s.op is Op.SEND or span is None]
         return not any(a < d and c < b for a, b in writes for c, d in touched)
 
-    def _post(self, rnd: "_Round", buffer: torch.Tensor, schedule: Schedule, bucket: int, receives_only: bool) -> None:
-        """Post this round's messages; with ``receives_only``, just the receives into scratch (early)."""
+    @staticmethod
+    def _reads_in_flight(current: "_Round", upcoming: "_Round") -> bool:
+        """True if ``upcoming`` sends data that ``current`` is still receiving."""
+        writes = [(lo, hi) for s, lo, hi, _ in current.entries if s.op is not Op.SEND]
+        reads = [(lo, hi) for s, lo, hi, _ in upcoming.entries if s.op is Op.SEND]
+        return any(a < d and c < b for a, b in writes for c, d in reads)
+
+    def _post(self, rnd: "_Round", buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None) -> None:
+        """Post this round's messages not yet posted; ``only`` = "receives" (into scratch) or "sends" posts
+        just those, early, while the previous round is still in flight."""
         if rnd.scratch is None and rnd.scratch_need:
             rnd.scratch = self._scratch_for(buffer, rnd.scratch_need, rnd.arena)
         reverse = self.group if self.group_reverse is None else self.group_reverse
         ops = []
         for index, (s, lo, hi, span) in enumerate(rnd.entries):
-            if index in rnd.posted or (receives_only and (s.op is Op.SEND or span is None)):
+            if index in rnd.posted:
+                continue
+            if only == "receives" and (s.op is Op.SEND or span is None):
+                continue
+            if only == "sends" and s.op is not Op.SEND:
                 continue
             rnd.posted.add(index)
             target = buffer[lo:hi] if span is None else rnd.scratch[span[0] : span[1]]
