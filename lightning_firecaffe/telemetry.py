@@ -14,23 +14,27 @@ from dataclasses import dataclass
 
 
 @dataclass
-class StepComm:
-    step: int = 0
-    buckets: int = 0
+class CommFigures:
     bytes_sent: int = 0
     bytes_received: int = 0
     busy_s: float = 0.0
     wait_s: float = 0.0
+
+
+@dataclass
+class StepComm(CommFigures):
+    """One optimizer step."""
+
+    step: int = 0
+    buckets: int = 0
     last_ready_at: float = 0.0
 
 
 @dataclass
-class CommTotals:
+class CommTotals(CommFigures):
+    """Sums over all steps so far."""
+
     steps: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    busy_s: float = 0.0
-    wait_s: float = 0.0
 
 
 class CommStats:

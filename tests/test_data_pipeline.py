@@ -18,13 +18,7 @@ from lightning_firecaffe.data.decoding import decode_rgb, parse_label
 SIZES = [7, 13, 4, 10, 6]  # five shards of unequal size, 40 samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: OpenMP spinning on an oversubscribed 2-core runner makes steps ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def jpeg(seed: int, size=(40, 32), mode="RGB", fmt="JPEG") -> bytes:

@@ -9,13 +9,7 @@ from lightning_firecaffe.data import normalize
 from lightning_firecaffe.models import GoogLeNet, ImageClassifier, NiN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: OpenMP spinning on an oversubscribed 2-core runner makes steps ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def n_params(model):
