@@ -73,3 +73,11 @@ def test_plan_cli_for_googlenet_on_128_gpus(tmp_path, capsys):
     assert (tmp_path / "plan.png").read_bytes()[:8] == PNG_MAGIC
     table = json.loads((tmp_path / "plan.json").read_text())["table"]
     assert {row["gpus"] for row in table} == {128}
+
+
+def test_plan_can_measure_compute_here(capsys, tmp_path):
+    argv = ["plan", "--model", "nin", "--measure-compute", "--image-size", "32", "--gpus", "4", "--max-gpus", "4",
+            "--batches", "8", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured forward+backward on this machine" in out and "nin: 30.4 MB of gradients" in out

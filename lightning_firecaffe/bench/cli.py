@@ -56,7 +56,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plots import plot_speedup
 
     name, grad_bytes = model_gradient_bytes(args.model)
-    workload = Workload(name, grad_bytes, 1.0 / args.images_per_s)
+    seconds_per_image = 1.0 / args.images_per_s
+    if args.measure_compute:
+        from .plan import measure_seconds_per_image
+
+        seconds_per_image = measure_seconds_per_image(args.model, args.image_size)
+        print(f"measured forward+backward on this machine: {1e3 * seconds_per_image:.2f} ms per image")
+    workload = Workload(name, grad_bytes, seconds_per_image)
     link = LinkModel(
         latency_s=args.latency_us * 1e-6,
         bandwidth_Bps=parse_rate_bytes_per_s(args.bandwidth),
@@ -117,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, default=128)
     plan.add_argument("--gpus-per-node", type=int, default=1)
     plan.add_argument("--images-per-s", type=float, default=300.0, help="training images/s of one GPU")
+    plan.add_argument("--measure-compute", action="store_true", help="time forward+backward here instead")
+    plan.add_argument("--image-size", type=int, default=224, help="with --measure-compute")
     plan.add_argument("--bandwidth", default="56gbit", help="per-node link, e.g. 1gbit, 10gbit, 56gbit")
     plan.add_argument("--latency-us", type=float, default=5.0)
     plan.add_argument("--batches", default="8,16,32,64,128", help="per-GPU batch sizes for the table")

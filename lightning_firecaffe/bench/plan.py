@@ -118,5 +118,30 @@ def model_gradient_bytes(spec: str, num_classes: int = 1000) -> tuple[str, int]:
     return spec, sum(p.numel() * p.element_size() for p in trainable)
 
 
+def measure_seconds_per_image(spec: str, image_size: int = 224, batch: int = 8, reps: int = 3) -> float:
+    """Forward + backward time per image of ``googlenet``/``nin``/``module:Class`` on this machine
+    (the planner's compute term when no figure for the target GPU is given)."""
+    import importlib
+    import time
+
+    import torch
+
+    if spec in ("googlenet", "nin"):
+        from .. import models
+
+        module = models.GoogLeNet(1000) if spec == "googlenet" else models.NiN(1000)
+    else:
+        mod, _, cls = spec.partition(":")
+        module = getattr(importlib.import_module(mod), cls)()
+    x = torch.randn(batch, 3, image_size, image_size)
+    times = []
+    for _ in range(reps + 1):  # the first pass warms up allocators
+        started = time.perf_counter()
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        times.append(time.perf_counter() - started)
+    return min(times[1:]) / batch
+
+
 def with_nodes(link: LinkModel, gpus_per_node: int) -> LinkModel:
     return replace(link, ranks_per_node=gpus_per_node)
