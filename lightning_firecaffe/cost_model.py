@@ -37,9 +37,6 @@ class LinkModel:
         if self.ranks_per_node < 1:
             raise ValueError(f"LinkModel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
 
-    def node_of(self, rank: int) -> int:
-        return rank // self.ranks_per_node
-
     @classmethod
     def from_gbit(cls, gbit_per_s: float, latency_us: float = 30.0, ranks_per_node: int = 1) -> "LinkModel":
         return cls(latency_s=latency_us * 1e-6, bandwidth_Bps=gbit_per_s * 1e9 / 8, ranks_per_node=ranks_per_node)

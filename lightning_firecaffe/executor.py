@@ -1,9 +1,9 @@
 """Run an all-reduce schedule on a torch.distributed process group, with a deadline on every wait.
 
-The executor is the only layer that talks to the network. It reuses one scratch buffer per dtype and
-device (at most one bucket, or a few chunks for pipelined schedules), and turns a silent peer into a
-``PeerStallError`` that names the peer, the bucket and the training step instead of hanging until the
-process group's 30-minute timeout.
+The executor is the only layer that talks to the network. Its receive buffers are reused across steps:
+one of at most a bucket for whole-bucket rounds and two of at most ``overlap_bytes`` for small rounds
+that overlap. A silent peer becomes a ``PeerStallError`` that names the peer, the bucket and the training
+step instead of a hang until the process group's 30-minute timeout.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class TransferCounters:
 
     bytes_sent: int = 0
     bytes_received: int = 0
-    messages: int = 0
 
 
 @dataclass
@@ -45,15 +44,34 @@ class _Pending:
     peer: int
 
 
-@dataclass
-class _Round:
-    """One round of this rank: (step, lo, hi, scratch span or None for in-place) per message."""
+def _overlap(a: tuple, b: tuple) -> bool:
+    """True if any element range of ``a`` intersects one of ``b``."""
+    return any(lo < d and c < hi for lo, hi in a for c, d in b)
+
+
+@dataclass(frozen=True)
+class _RoundPlan:
+    """What one round of this rank does, derived once per (schedule, buffer length, dtype size).
+
+    ``entries`` holds (step, lo, hi, scratch span or None for in-place, description) per message.
+    """
 
     t: int
-    entries: list
+    entries: tuple
     scratch_need: int
-    arena: int = 0
-    small: bool = False
+    arena: int  # 0: the bucket-sized receive buffer; 1 or 2: the two small ones, alternating
+    small: bool
+    received: tuple  # element ranges this round writes
+    received_via_scratch: tuple  # ... of which applied from scratch after the round
+    sent: tuple  # element ranges this round sends
+    sent_or_written_in_place: tuple
+
+
+@dataclass
+class _Round:
+    """One round in flight: its plan, receive buffer, posted messages and their Works."""
+
+    plan: _RoundPlan
     scratch: Any = None
     pending: list = field(default_factory=list)
     posted: set = field(default_factory=set)
@@ -81,6 +99,7 @@ class ScheduleExecutor:
     counters: TransferCounters = field(default_factory=TransferCounters)
     overlap_bytes: int = 4 << 20  # extra scratch allowed for overlapping one round's additions with the next
     _scratch: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)
 
     @property
     def scratch_bytes(self) -> int:
@@ -108,12 +127,7 @@ class ScheduleExecutor:
             raise ValueError(f"schedule is for {schedule.world_size} ranks, group has {self.world_size}")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("all_reduce_ needs a flat contiguous buffer")
-        offsets = chunk_offsets(buffer.numel(), schedule.num_chunks)
-        rounds = []
-        for t, steps in enumerate(schedule.steps_of(self.rank)):
-            live = [s for s in steps if offsets[s.hi] > offsets[s.lo]]
-            if live:
-                rounds.append(self._plan(live, offsets, t, len(rounds), buffer.element_size()))
+        rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), buffer.element_size())]
         unapplied: _Round | None = None
         for i, current in enumerate(rounds):
             if unapplied is not None and not self._can_overlap(unapplied, current):
@@ -124,9 +138,9 @@ class ScheduleExecutor:
                 self._apply(unapplied, buffer)  # while this round's messages travel
                 unapplied = None
             upcoming = rounds[i + 1] if i + 1 < len(rounds) else None
-            if upcoming is not None and upcoming.small and current.small:
+            if upcoming is not None and upcoming.plan.small and current.plan.small:
                 self._post(upcoming, buffer, schedule, bucket, only="receives")
-                if not self._reads_in_flight(current, upcoming):
+                if not _overlap(current.plan.received, upcoming.plan.sent):  # its data is already final
                     self._post(upcoming, buffer, schedule, bucket, only="sends")  # keep the links streaming
             self._wait_all(current.pending, bucket, step)
             unapplied = current
@@ -134,45 +148,60 @@ class ScheduleExecutor:
             self._apply(unapplied, buffer)
         return buffer
 
-    def _plan(self, live: list, offsets: list[int], t: int, position: int, itemsize: int) -> "_Round":
-        sent = [(offsets[s.lo], offsets[s.hi]) for s in live if s.op is Op.SEND]
+    def _plans_for(self, schedule: Schedule, numel: int, itemsize: int) -> list[_RoundPlan]:
+        """This rank's non-empty rounds, planned once per (schedule, buffer length, dtype size)."""
+        key = (id(schedule), numel, itemsize)
+        cached = self._plans.get(key)
+        if cached is None or cached[0] is not schedule:  # ``is``: an id may be reused after collection
+            offsets = chunk_offsets(numel, schedule.num_chunks)
+            plans = []
+            for t, steps in enumerate(schedule.steps_of(self.rank)):
+                live = [s for s in steps if offsets[s.hi] > offsets[s.lo]]
+                if live:
+                    plans.append(self._plan(live, offsets, t, len(plans), itemsize))
+            cached = self._plans[key] = (schedule, plans)
+        return cached[1]
+
+    def _plan(self, live: list, offsets: list[int], t: int, position: int, itemsize: int) -> _RoundPlan:
+        sent = tuple((offsets[s.lo], offsets[s.hi]) for s in live if s.op is Op.SEND)
         entries, need = [], 0
         for s in live:
             lo, hi = offsets[s.lo], offsets[s.hi]
-            overlaps_send = any(a < hi and lo < b for a, b in sent)
-            if s.op is Op.RECV_ADD or (s.op is Op.RECV_COPY and overlaps_send):
-                entries.append((s, lo, hi, (need, need + hi - lo)))
+            verb = "sending to" if s.op is Op.SEND else "receiving from"
+            desc = f"{verb} rank {s.peer} chunks [{s.lo}, {s.hi}) of round {t}"
+            if s.op is Op.RECV_ADD or (s.op is Op.RECV_COPY and _overlap(((lo, hi),), sent)):
+                entries.append((s, lo, hi, (need, need + hi - lo), desc))
                 need += hi - lo
             else:
-                entries.append((s, lo, hi, None))
+                entries.append((s, lo, hi, None, desc))
         small = need * itemsize <= self.overlap_bytes
-        # small rounds alternate between two small receive buffers; big ones use the bucket-sized one
-        return _Round(t, entries, need, arena=(1 + position % 2) if small else 0, small=small)
+        return _RoundPlan(
+            t,
+            tuple(entries),
+            need,
+            arena=(1 + position % 2) if small else 0,
+            small=small,
+            received=tuple((lo, hi) for s, lo, hi, _, _ in entries if s.op is not Op.SEND),
+            received_via_scratch=tuple((lo, hi) for s, lo, hi, span, _ in entries if span is not None),
+            sent=sent,
+            sent_or_written_in_place=tuple((lo, hi) for s, lo, hi, span, _ in entries if span is None),
+        )
 
     @staticmethod
-    def _can_overlap(before: "_Round", after: "_Round") -> bool:
+    def _can_overlap(before: _Round, after: _Round) -> bool:
         """True if ``after`` may start before ``before``'s received data is written into the buffer."""
-        if not (before.small and after.small):
-            return False
-        writes = [(lo, hi) for s, lo, hi, span in before.entries if s.op is not Op.SEND and span is not None]
-        touched = [(lo, hi) for s, lo, hi, span in after.entries if s.op is Op.SEND or span is None]
-        return not any(a < d and c < b for a, b in writes for c, d in touched)
+        b, a = before.plan, after.plan
+        return b.small and a.small and not _overlap(b.received_via_scratch, a.sent_or_written_in_place)
 
-    @staticmethod
-    def _reads_in_flight(current: "_Round", upcoming: "_Round") -> bool:
-        """True if ``upcoming`` sends data that ``current`` is still receiving."""
-        writes = [(lo, hi) for s, lo, hi, _ in current.entries if s.op is not Op.SEND]
-        reads = [(lo, hi) for s, lo, hi, _ in upcoming.entries if s.op is Op.SEND]
-        return any(a < d and c < b for a, b in writes for c, d in reads)
-
-    def _post(self, rnd: "_Round", buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None) -> None:
+    def _post(self, rnd: _Round, buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None) -> None:
         """Post this round's messages not yet posted; ``only`` = "receives" (into scratch) or "sends" posts
         just those, early, while the previous round is still in flight."""
-        if rnd.scratch is None and rnd.scratch_need:
-            rnd.scratch = self._scratch_for(buffer, rnd.scratch_need, rnd.arena)
+        plan = rnd.plan
+        if rnd.scratch is None and plan.scratch_need:
+            rnd.scratch = self._scratch_for(buffer, plan.scratch_need, plan.arena)
         reverse = self.group if self.group_reverse is None else self.group_reverse
         ops = []
-        for index, (s, lo, hi, span) in enumerate(rnd.entries):
+        for index, (s, lo, hi, span, desc) in enumerate(plan.entries):
             if index in rnd.posted:
                 continue
             if only == "receives" and (s.op is Op.SEND or span is None):
@@ -183,16 +212,13 @@ class ScheduleExecutor:
             target = buffer[lo:hi] if span is None else rnd.scratch[span[0] : span[1]]
             low, high = (self.rank, s.peer) if s.op is Op.SEND else (s.peer, self.rank)
             group = self.group if low < high else reverse
-            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + rnd.t) * (schedule.num_chunks + 1) + s.lo
+            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + plan.t) * (schedule.num_chunks + 1) + s.lo
             tag %= _TAG_SPACE
-            verb = "sending to" if s.op is Op.SEND else "receiving from"
-            desc = f"{verb} rank {s.peer} chunks [{s.lo}, {s.hi}) of round {rnd.t}"
             nbytes = target.numel() * target.element_size()
             if s.op is Op.SEND:
                 self.counters.bytes_sent += nbytes
             else:
                 self.counters.bytes_received += nbytes
-            self.counters.messages += 1
             if self.batched:
                 ops.append(dist.P2POp(dist.isend if s.op is Op.SEND else dist.irecv, target, s.peer, group, tag))
             elif s.op is Op.SEND:
@@ -200,12 +226,12 @@ class ScheduleExecutor:
             else:
                 rnd.pending.append(_Pending(dist.irecv(target, src=s.peer, group=group, tag=tag), desc, s.peer))
         if ops:
-            peers = sorted({s.peer for s, *_ in rnd.entries})
-            rnd.pending += [_Pending(w, f"round {rnd.t} with ranks {peers}", -1) for w in dist.batch_isend_irecv(ops)]
+            peers = sorted({s.peer for s, *_ in plan.entries})
+            rnd.pending += [_Pending(w, f"round {plan.t} with ranks {peers}", -1) for w in dist.batch_isend_irecv(ops)]
 
     @staticmethod
-    def _apply(rnd: "_Round", buffer: torch.Tensor) -> None:
-        for s, lo, hi, span in rnd.entries:
+    def _apply(rnd: _Round, buffer: torch.Tensor) -> None:
+        for s, lo, hi, span, _ in rnd.plan.entries:
             if span is None:
                 continue
             received = rnd.scratch[span[0] : span[1]]

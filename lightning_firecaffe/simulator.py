@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 
-from .cost_model import LinkModel, schedule_time
 from .schedules import Schedule, ScheduleError, chunk_offsets, validate
 
 
@@ -34,12 +33,3 @@ def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.
             view = state[t.dst][offsets[t.lo] : offsets[t.hi]]
             view.add_(payload) if t.reduce else view.copy_(payload)
     return state
-
-
-def simulate_and_price(
-    schedule: Schedule, buffers: Sequence[torch.Tensor], link: LinkModel
-) -> tuple[list[torch.Tensor], float]:
-    """Results plus predicted seconds under ``link`` for the same buffers."""
-    nbytes = buffers[0].numel() * buffers[0].element_size() if buffers else 0
-    itemsize = buffers[0].element_size() if buffers else 4
-    return simulate(schedule, buffers), schedule_time(schedule, nbytes, link, itemsize)

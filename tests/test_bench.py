@@ -55,7 +55,6 @@ def test_plan_speedup_rises_with_batch_and_falls_with_bandwidth(algorithm):
         assert plan_point(GOOGLENET, algorithm, 128, b, slow).speedup_no_overlap < plan_point(
             GOOGLENET, algorithm, 128, b, fast
         ).speedup_no_overlap
-    assert plan_point(GOOGLENET, algorithm, 128, 8, slow).speedup <= 128
 
 
 def test_plan_reproduces_the_papers_ordering():

@@ -52,15 +52,19 @@ def cmd_comm(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import Workload, format_plan, model_gradient_bytes, plan_table, speedup_curves
+    from .plan import Workload, build_model, format_plan, gradient_bytes, plan_table, speedup_curves
     from .plots import plot_speedup
 
-    name, grad_bytes = model_gradient_bytes(args.model)
+    module = None if args.model.isdigit() else build_model(args.model)
+    name = f"{int(args.model):,} parameters" if module is None else args.model
+    grad_bytes = 4 * int(args.model) if module is None else gradient_bytes(module)
     seconds_per_image = 1.0 / args.images_per_s
     if args.measure_compute:
         from .plan import measure_seconds_per_image
 
-        seconds_per_image = measure_seconds_per_image(args.model, args.image_size)
+        if module is None:
+            raise SystemExit("--measure-compute needs a model (googlenet, nin or package.module:Class)")
+        seconds_per_image = measure_seconds_per_image(module, args.image_size)
         print(f"measured forward+backward on this machine: {1e3 * seconds_per_image:.2f} ms per image")
     workload = Workload(name, grad_bytes, seconds_per_image)
     link = LinkModel(

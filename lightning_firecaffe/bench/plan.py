@@ -9,7 +9,7 @@ all-reducing the gradients in DDP-sized buckets. With overlap, communication hid
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 from ..cost_model import LinkModel, predict
@@ -99,40 +99,31 @@ def format_plan(rows: list[Prediction], workload: Workload, link: LinkModel) -> 
     return "\n".join(lines)
 
 
-def model_gradient_bytes(spec: str, num_classes: int = 1000) -> tuple[str, int]:
-    """``googlenet``, ``nin``, ``package.module:Class`` (built with no arguments) or a parameter count."""
+def build_model(spec: str, num_classes: int = 1000):
+    """``googlenet``, ``nin`` or ``package.module:Class`` (built with no arguments)."""
     import importlib
 
-    if spec.isdigit():
-        return f"{int(spec):,} parameters", 4 * int(spec)
     if spec in ("googlenet", "nin"):
         from .. import models
 
-        module = models.GoogLeNet(num_classes) if spec == "googlenet" else models.NiN(num_classes)
-    elif ":" in spec:
+        return models.GoogLeNet(num_classes) if spec == "googlenet" else models.NiN(num_classes)
+    if ":" in spec:
         mod, _, cls = spec.partition(":")
-        module = getattr(importlib.import_module(mod), cls)()
-    else:
-        raise ValueError(f"unknown model {spec!r}: use googlenet, nin, package.module:Class or a parameter count")
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    return spec, sum(p.numel() * p.element_size() for p in trainable)
+        return getattr(importlib.import_module(mod), cls)()
+    raise ValueError(f"unknown model {spec!r}: use googlenet, nin, package.module:Class or a parameter count")
 
 
-def measure_seconds_per_image(spec: str, image_size: int = 224, batch: int = 8, reps: int = 3) -> float:
-    """Forward + backward time per image of ``googlenet``/``nin``/``module:Class`` on this machine
-    (the planner's compute term when no figure for the target GPU is given)."""
-    import importlib
+def gradient_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def measure_seconds_per_image(module, image_size: int = 224, batch: int = 8, reps: int = 3) -> float:
+    """Forward + backward time per image of ``module`` on this machine (the planner's compute term when
+    no figure for the target GPU is given)."""
     import time
 
     import torch
 
-    if spec in ("googlenet", "nin"):
-        from .. import models
-
-        module = models.GoogLeNet(1000) if spec == "googlenet" else models.NiN(1000)
-    else:
-        mod, _, cls = spec.partition(":")
-        module = getattr(importlib.import_module(mod), cls)()
     x = torch.randn(batch, 3, image_size, image_size)
     times = []
     for _ in range(reps + 1):  # the first pass warms up allocators
@@ -141,7 +132,3 @@ def measure_seconds_per_image(spec: str, image_size: int = 224, batch: int = 8, 
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
         times.append(time.perf_counter() - started)
     return min(times[1:]) / batch
-
-
-def with_nodes(link: LinkModel, gpus_per_node: int) -> LinkModel:
-    return replace(link, ranks_per_node=gpus_per_node)

@@ -72,10 +72,6 @@ class Schedule:
             self._per_rank[rank] = tuple(tuple(steps) for steps in grid)
         return self._per_rank[rank]
 
-    @property
-    def rounds(self) -> tuple[tuple[tuple[Step, ...], ...], ...]:
-        return tuple(self.steps_of(r) for r in range(self.world_size))
-
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
         """Columns (round, src, dst, lo, hi) as integer arrays, for vectorised pricing."""

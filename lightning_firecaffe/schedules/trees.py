@@ -22,9 +22,6 @@ class Tree:
     def root(self) -> int:
         return next(node for node, p in self.parent.items() if p is None)
 
-    def children(self, node: int) -> list[int]:
-        return [c for c, p in self.parent.items() if p == node]
-
     def heights(self) -> dict[int, int]:
         """Longest distance from each node down to a leaf."""
         height = {node: 0 for node in self.parent}

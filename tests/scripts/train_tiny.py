@@ -120,6 +120,8 @@ def main(argv=None):
         log_every_n_steps=1,
     )
     model = Tiny(unused=args.unused, die_at=args.die_at)
+    if trainer.global_rank == 0 and not args.resume:
+        torch.save(model.state_dict(), out / "initial.pt")
     trainer.fit(model, ckpt_path=args.resume)
     if trainer.global_rank == 0:
         torch.save(model.state_dict(), out / "weights.pt")
