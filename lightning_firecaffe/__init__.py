@@ -1,17 +1,32 @@
 """lightning_firecaffe: FireCaffe-style data-parallel training for PyTorch Lightning.
 
 ``import lightning_firecaffe`` registers ``Trainer(strategy="firecaffe")`` (and ``firecaffe_spawn``,
-``firecaffe_fork``, ``firecaffe_<algorithm>``) in Lightning's strategy registry.
+``firecaffe_fork``, ``firecaffe_<algorithm>`` for every registered all-reduce algorithm) in Lightning's
+strategy registry.
+
+The tree shows the layers: ``comm/`` (pure schedules and their registry -> cost model and simulator ->
+executor -> DDP comm hook), ``strategy.py`` (the Lightning strategy), ``models/``, ``data/``,
+``large_batch/`` + ``callbacks/`` (the LR rules and their callback), ``train.py`` (the Hydra app),
+``bench/`` (benchmarks and the planner) and ``testing/`` (harnesses: local ranks, emulated cluster, SLURM).
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from .cost_model import LinkModel
-from .executor import PeerStallError
-from .schedules import ALGORITHMS
-from .strategy import ALGORITHM_CHOICES, FireCaffeStrategy
+from .comm.cost_model import LinkModel
+from .comm.executor import PeerStallError
+from .comm.schedules import algorithm_names, register_algorithm
+from .options import InvalidOption
+from .strategy import FireCaffeStrategy
 
 FireCaffeStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["ALGORITHMS", "ALGORITHM_CHOICES", "FireCaffeStrategy", "LinkModel", "PeerStallError", "__version__"]
+__all__ = [
+    "FireCaffeStrategy",
+    "InvalidOption",
+    "LinkModel",
+    "PeerStallError",
+    "__version__",
+    "algorithm_names",
+    "register_algorithm",
+]

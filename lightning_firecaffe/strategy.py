@@ -2,43 +2,52 @@
 
 A thin policy over torch DDP, like Lightning's own ``DDPStrategy``: it only swaps the communication hook
 (the stock strategy silently skips hooks on CPU), gives the hook a dedicated process group so tree traffic
-never interleaves with Lightning's own collectives, and adds a telemetry callback.
+never interleaves with Lightning's own collectives, and adds a telemetry callback. Its positional
+parameters are ``DDPStrategy``'s, in ``DDPStrategy``'s order; every FireCaffe option is keyword-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
+import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
-from lightning.pytorch.utilities import rank_zero_info
+from .comm.calibration import measure_link
+from .comm.cost_model import LinkModel
+from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
+from .comm.schedules import algorithm_names, on_register
+from .comm.telemetry import CommStats
+from .options import is_int, require, require_choice
 
-from .calibration import measure_link
-from .comm_hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
-from .cost_model import LinkModel
-from .schedules import ALGORITHMS
-from .telemetry import CommStats
+log = logging.getLogger(__name__)
 
-ALGORITHM_CHOICES: tuple[str, ...] = ("auto",) + ALGORITHMS
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+_OWNER = "FireCaffeStrategy"
+_START_METHODS = ("popen", "spawn", "fork", "forkserver")
+_SUBSCRIBED: set[int] = set()  # strategy registries that already hear of new algorithms
 
 
 class FireCaffeStrategy(DDPStrategy):
     """Data-parallel training whose gradient all-reduce is a reduction tree over point-to-point ops.
 
     Args:
-        algorithm: ``"auto"`` (per bucket size, the fastest under the cost model ``link``), ``"tree"``
-            (FireCaffe's reduction tree), ``"pipelined_tree"``, ``"double_tree"``, ``"two_level"``,
-            ``"ring"`` or ``"parameter_server"``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+            ddp_comm_wrapper, model_averaging_period, process_group_backend, timeout, start_method: as
+            for ``DDPStrategy`` (same positions). ``ddp_comm_state``/``ddp_comm_hook`` must stay ``None``:
+            this strategy installs its own hook.
+        algorithm: ``"auto"`` (per bucket size, the fastest under the cost model ``link``) or any
+            registered algorithm (``lightning_firecaffe.comm.schedules.algorithm_names()``; FireCaffe's
+            ``"tree"``, ``"ring"``, ...).
         arity: children per tree node (2 = binary).
         chunk_bytes: piece size streamed by the pipelined algorithms.
         stall_timeout: seconds a rank waits for a silent peer before failing with an error naming it.
@@ -46,50 +55,71 @@ class FireCaffeStrategy(DDPStrategy):
             ``"measure"`` to time it with a ping-pong at start-up (adapts to the real links, but a
             different measurement may pick a different algorithm, so results are not bitwise
             reproducible from run to run at more than 2 ranks). Ranks per node come from ``devices``.
-        **kwargs: every ``DDPStrategy`` argument (``bucket_cap_mb``, ``find_unused_parameters``,
-            ``process_group_backend``, ``timeout``, ``start_method``, ...).
+        **kwargs: forwarded to ``DDPStrategy`` and on to torch's ``DistributedDataParallel``
+            (``bucket_cap_mb``, ``find_unused_parameters``, ``gradient_as_bucket_view``, ...).
+
+    Raises:
+        InvalidOption: (a ``ValueError``) naming the option and what it allows.
     """
 
     strategy_name = "firecaffe"
 
     def __init__(
         self,
+        accelerator: Optional[Any] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[Any] = None,
+        checkpoint_io: Optional[Any] = None,
+        precision_plugin: Optional[Any] = None,
+        ddp_comm_state: Optional[object] = None,
+        ddp_comm_hook: Optional[Callable] = None,
+        ddp_comm_wrapper: Optional[Callable] = None,
+        model_averaging_period: Optional[int] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: str = "popen",
+        *,
         algorithm: str = "auto",
         arity: int = 2,
         chunk_bytes: int = 1 << 20,
         stall_timeout: float = 60.0,
         link: Union[LinkModel, str, None] = None,
-        ddp_comm_wrapper: Optional[Callable] = None,
         **kwargs: Any,
     ) -> None:
-        _check(
-            algorithm in ALGORITHM_CHOICES,
-            f"FireCaffeStrategy: algorithm={algorithm!r} is not one of {', '.join(ALGORITHM_CHOICES)}",
+        require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
+        require(is_int(arity) and arity >= 2, _OWNER, "arity", arity, "must be an integer >= 2 (2 = binary tree)")
+        require(
+            is_int(chunk_bytes) and chunk_bytes > 0, _OWNER, "chunk_bytes", chunk_bytes,
+            "must be a positive integer number of bytes",
+        )  # fmt: skip
+        require(
+            isinstance(stall_timeout, (int, float)) and not isinstance(stall_timeout, bool)
+            and math.isfinite(stall_timeout) and stall_timeout > 0,
+            _OWNER, "stall_timeout", stall_timeout, "must be a positive, finite number of seconds",
+        )  # fmt: skip
+        require(
+            link is None or link == "measure" or isinstance(link, LinkModel), _OWNER, "link", link,
+            "must be a LinkModel, 'measure' or None",
+        )  # fmt: skip
+        require_choice(_OWNER, "start_method", start_method, _START_METHODS)
+        for option, value in (("ddp_comm_hook", ddp_comm_hook), ("ddp_comm_state", ddp_comm_state)):
+            require(
+                value is None, _OWNER, option, value,
+                "is not supported: the strategy installs its own comm hook (use strategy='ddp' for a custom hook)",
+            )  # fmt: skip
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            ddp_comm_wrapper=ddp_comm_wrapper,
+            model_averaging_period=model_averaging_period,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **kwargs,
         )
-        _check(
-            isinstance(arity, int) and not isinstance(arity, bool) and arity >= 2,
-            f"FireCaffeStrategy: arity={arity!r} must be an integer >= 2 (2 = binary tree)",
-        )
-        _check(
-            isinstance(chunk_bytes, int) and not isinstance(chunk_bytes, bool) and chunk_bytes > 0,
-            f"FireCaffeStrategy: chunk_bytes={chunk_bytes!r} must be a positive integer number of bytes",
-        )
-        _check(
-            isinstance(stall_timeout, (int, float)) and math.isfinite(stall_timeout) and stall_timeout > 0,
-            f"FireCaffeStrategy: stall_timeout={stall_timeout!r} must be a positive, finite number of seconds",
-        )
-        _check(
-            link is None or link == "measure" or isinstance(link, LinkModel),
-            f"FireCaffeStrategy: link={link!r} must be a LinkModel, 'measure' or None",
-        )
-        for taken in ("ddp_comm_hook", "ddp_comm_state"):
-            _check(
-                kwargs.get(taken) is None,
-                f"FireCaffeStrategy: {taken} is not supported: the strategy installs its own comm hook "
-                f"(use strategy='ddp' for a custom hook)",
-            )
-            kwargs.pop(taken, None)
-        super().__init__(ddp_comm_wrapper=ddp_comm_wrapper, **kwargs)
         self.algorithm = algorithm
         self.arity = arity
         self.chunk_bytes = chunk_bytes
@@ -99,6 +129,7 @@ class FireCaffeStrategy(DDPStrategy):
         self.comm_stats = CommStats()
         self._hook_state: Optional[FireCaffeHookState] = None
 
+    @override
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, DistributedDataParallel)
         backend = self._get_process_group_backend()
@@ -110,10 +141,11 @@ class FireCaffeStrategy(DDPStrategy):
         if self.link == "measure":
             rank = dist.get_rank(group)
             self.measured_link = link = measure_link(rank, world_size, ranks_per_node, group=group, device=self.root_device)
-            rank_zero_info(
-                f"FireCaffe: measured links {link.bandwidth_Bps * 8 / 1e9:.2f} Gbit/s, {link.latency_s * 1e6:.0f} us "
-                "latency; `auto` picks algorithms for them"
-            )
+            if rank_zero_only.rank == 0:
+                log.info(
+                    "FireCaffe: measured links %.2f Gbit/s, %.0f us latency; `auto` picks algorithms for them",
+                    link.bandwidth_Bps * 8 / 1e9, link.latency_s * 1e6,
+                )  # fmt: skip
         else:
             link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
         self._hook_state = FireCaffeHookState(
@@ -135,6 +167,7 @@ class FireCaffeStrategy(DDPStrategy):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         return trainer.global_step if trainer is not None else 0
 
+    @override
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         from .callbacks.comm_telemetry import CommTelemetry
@@ -142,6 +175,7 @@ class FireCaffeStrategy(DDPStrategy):
         if not any(isinstance(cb, CommTelemetry) for cb in trainer.callbacks):
             trainer.callbacks.append(CommTelemetry())
 
+    @override
     def teardown(self) -> None:
         if self._hook_state is not None:
             self._hook_state.close()
@@ -149,19 +183,31 @@ class FireCaffeStrategy(DDPStrategy):
         super().teardown()
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        """Lowercase names, registered idempotently: launchers like ``ddp``, plus one name per algorithm."""
-        entries = [
-            ("firecaffe", "popen", {}),
-            ("firecaffe_spawn", "spawn", {}),
-            ("firecaffe_fork", "fork", {}),
-        ] + [(f"firecaffe_{name}", "popen", {"algorithm": name}) for name in ALGORITHMS]
-        for name, start_method, extra in entries:
+        """Lowercase names, registered idempotently: launchers like ``ddp`` (``firecaffe``,
+        ``firecaffe_spawn``, ``firecaffe_fork``), plus ``firecaffe_<algorithm>`` for every algorithm of the
+        registry, including those registered later."""
+        for name, start_method in (("firecaffe", "popen"), ("firecaffe_spawn", "spawn"), ("firecaffe_fork", "fork")):
             strategy_registry.register(
                 name,
                 cls,
-                description=f"FireCaffe reduction-tree all-reduce, start_method '{start_method}' {extra or ''}".strip(),
+                description=f"FireCaffe all-reduce (auto), start_method '{start_method}'",
                 override=True,
                 start_method=start_method,
-                **extra,
             )
+        if id(strategy_registry) in _SUBSCRIBED:
+            return
+        _SUBSCRIBED.add(id(strategy_registry))
+
+        def register_algorithm_name(algorithm: Any) -> None:
+            strategy_registry.register(
+                f"firecaffe_{algorithm.name}",
+                cls,
+                description=f"FireCaffe all-reduce '{algorithm.name}': {algorithm.summary}",
+                override=True,
+                start_method="popen",
+                algorithm=algorithm.name,
+            )
+
+        on_register(register_algorithm_name)

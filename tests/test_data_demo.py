@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from lightning_firecaffe.data import build_demo_set, cache_dir
+from lightning_firecaffe.testing.ranks import run_launcher_script
 
 
 @pytest.fixture(scope="module")
@@ -77,25 +76,18 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def _firecaffe_registered() -> bool:
-    import lightning_firecaffe  # noqa: F401
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    return "firecaffe" in StrategyRegistry
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(420)
 def test_nin_learns_the_demo_set_under_firecaffe(demo_root, tmp_path):
-    if not _firecaffe_registered():
-        pytest.skip("strategy 'firecaffe' is not registered yet")
+    import lightning_firecaffe  # noqa: F401  (a broken registration must fail this test, not skip it)
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert "firecaffe" in StrategyRegistry
     build_demo_set(demo_root)  # once, before the ranks start
     script = tmp_path / "train_demo.py"
     script.write_text(TRAIN_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     epochs = 8
-    res = subprocess.run([sys.executable, str(script), demo_root, str(tmp_path), "firecaffe", str(epochs)],
-                         capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    res = run_launcher_script([script, demo_root, tmp_path, "firecaffe", epochs], timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     print(f"firecaffe, 2 ranks, NiN 32 px: {result['steps']} steps in {result['seconds']:.0f} s, "

@@ -8,22 +8,31 @@ import platform
 import sys
 from pathlib import Path
 
-from ..cost_model import LinkModel
-from ..schedules import ALGORITHMS
-from .units import parse_rate_bytes_per_s, parse_size
+from ..comm.cost_model import LinkModel
+from ..comm.schedules import algorithm_names
+from ..units import parse_rate_bytes_per_s, parse_size
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def cmd_comm(args: argparse.Namespace) -> int:
-    from .comm import TORCH, CommSpec, format_table, measure, save
+def comm_algorithms(text: str) -> list[str]:
+    """``--algorithms`` of ``comm``: ``all`` (auto, every registered algorithm, torch's) or a checked list."""
+    from .comm import TORCH
 
-    algorithms = ["auto", *ALGORITHMS, TORCH] if args.algorithms == "all" else _csv(args.algorithms)
+    known = ("auto", *algorithm_names(), TORCH)
+    algorithms = list(known) if text == "all" else _csv(text)
     for a in algorithms:
-        if a not in ("auto", TORCH, *ALGORITHMS):
-            raise SystemExit(f"--algorithms: unknown {a!r}; choose from auto, {', '.join(ALGORITHMS)}, {TORCH}")
+        if a not in known:
+            raise SystemExit(f"--algorithms: unknown {a!r}; choose from {', '.join(known)}")
+    return algorithms
+
+
+def cmd_comm(args: argparse.Namespace) -> int:
+    from .comm import CommSpec, format_table, measure, save
+
+    algorithms = comm_algorithms(args.algorithms)
     spec = CommSpec(
         sizes=[parse_size(s) for s in _csv(args.sizes)],
         algorithms=algorithms,
@@ -35,7 +44,7 @@ def cmd_comm(args: argparse.Namespace) -> int:
     reports = []
     for world in [int(w) for w in _csv(args.world_sizes)]:
         if args.hosts_rate is None:
-            from .launch import first_result, run_ranks
+            from ..testing.ranks import first_result, run_ranks
 
             reports.append(first_result(run_ranks(measure, world, spec, timeout=args.timeout)))
             where = "loopback"
@@ -52,10 +61,10 @@ def cmd_comm(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import Workload, build_model, format_plan, gradient_bytes, plan_table, speedup_curves
+    from .plan import Workload, build_workload_model, format_plan, gradient_bytes, plan_table, speedup_curves
     from .plots import plot_speedup
 
-    module = None if args.model.isdigit() else build_model(args.model)
+    module = None if args.model.isdigit() else build_workload_model(args.model)
     name = f"{int(args.model):,} parameters" if module is None else args.model
     grad_bytes = 4 * int(args.model) if module is None else gradient_bytes(module)
     seconds_per_image = 1.0 / args.images_per_s
@@ -63,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .plan import measure_seconds_per_image
 
         if module is None:
-            raise SystemExit("--measure-compute needs a model (googlenet, nin or package.module:Class)")
+            raise SystemExit("--measure-compute needs a model (a registered name or package.module:Class)")
         seconds_per_image = measure_seconds_per_image(module, args.image_size)
         print(f"measured forward+backward on this machine: {1e3 * seconds_per_image:.2f} ms per image")
     workload = Workload(name, grad_bytes, seconds_per_image)
@@ -107,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm = sub.add_parser("comm", help="time every all-reduce algorithm vs dist.all_reduce")
     comm.add_argument("--world-sizes", default="2,4", help="comma-separated, e.g. 2,4,8")
     comm.add_argument("--sizes", default="4KB,1MB,25MB", help="message sizes, e.g. 1KB,1MB,25MB")
-    comm.add_argument("--algorithms", default="all", help=f"'all' or a list from auto,{','.join(ALGORITHMS)},dist.all_reduce")
+    comm.add_argument("--algorithms", default="all", help=f"'all' or a list from auto,{','.join(algorithm_names())},dist.all_reduce")
     comm.add_argument("--reps", type=int, default=5)
     comm.add_argument("--arity", type=int, default=2)
     comm.add_argument("--chunk", default="1MiB", help="chunk size of the pipelined algorithms")
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     comm.set_defaults(fn=cmd_comm)
 
     plan = sub.add_parser("plan", help="predict communication, speedup and efficiency on a cluster")
-    plan.add_argument("--model", default="googlenet", help="googlenet, nin, package.module:Class or #parameters")
+    plan.add_argument("--model", default="googlenet", help="a registered model (see --help of train), package.module:Class or #parameters")
     plan.add_argument("--gpus", type=int, default=128)
     plan.add_argument("--gpus-per-node", type=int, default=1)
     plan.add_argument("--images-per-s", type=float, default=300.0, help="training images/s of one GPU")

@@ -23,7 +23,7 @@ def _comm_rank(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_on_cluster(spec, world_size: int, rate: str, ranks_per_host: int, timeout: float) -> dict[str, Any]:
-    from ..cluster import EmulatedCluster, require_root
+    from ..testing.cluster import EmulatedCluster, require_root
 
     require_root()
     hosts = math.ceil(world_size / ranks_per_host)
@@ -38,7 +38,7 @@ def train_on_cluster(
     args: argparse.Namespace, strategy: str, algorithm: str, worker_args: Callable[..., list[str]]
 ) -> dict[str, Any]:
     """One training run with one rank per host: Lightning sees num_nodes=hosts, devices=1."""
-    from ..cluster import EmulatedCluster, require_root
+    from ..testing.cluster import EmulatedCluster, require_root
 
     require_root()
     with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(hosts=args.world_size, rate=args.hosts_rate) as cluster:

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..calibration import measure_link
-from ..comm_hook import ScheduleSelector
-from ..cost_model import LinkModel, predict
-from ..executor import ScheduleExecutor
-from ..schedules import ALGORITHMS
-from .units import human_bytes
+from ..comm.calibration import measure_link
+from ..comm.hook import ScheduleSelector
+from ..comm.cost_model import LinkModel, predict
+from ..comm.executor import ScheduleExecutor
+from ..comm.schedules import algorithm_names
+from ..units import human_bytes
 
 TORCH = "dist.all_reduce"
 
@@ -31,7 +31,7 @@ TORCH = "dist.all_reduce"
 @dataclass
 class CommSpec:
     sizes: list[int]
-    algorithms: list[str] = field(default_factory=lambda: ["auto", *ALGORITHMS, TORCH])
+    algorithms: list[str] = field(default_factory=lambda: ["auto", *algorithm_names(), TORCH])
     reps: int = 5
     warmup: int = 1
     arity: int = 2

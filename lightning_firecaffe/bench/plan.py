@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..cost_model import LinkModel, predict
+from ..comm.cost_model import LinkModel, predict
+from ..comm.schedules import algorithm_names
 
 BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb
 BACKWARD_SHARE = 2 / 3  # backward costs about twice the forward pass
-PLAN_ALGORITHMS = ("parameter_server", "tree", "pipelined_tree", "double_tree", "two_level", "ring")
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,24 @@ def plan_point(workload: Workload, algorithm: str, gpus: int, batch_per_gpu: int
 
 
 def plan_table(
-    workload: Workload, gpus: int, link: LinkModel, batches: Iterable[int], algorithms=PLAN_ALGORITHMS, **kw
+    workload: Workload, gpus: int, link: LinkModel, batches: Iterable[int], algorithms: Iterable[str] | None = None, **kw
 ) -> list[Prediction]:
-    return [plan_point(workload, a, gpus, b, link, **kw) for a in algorithms for b in batches]
+    """One row per (algorithm, per-GPU batch); every registered algorithm unless ``algorithms`` is given."""
+    return [plan_point(workload, a, gpus, b, link, **kw) for a in (algorithms or algorithm_names()) for b in batches]
 
 
 def speedup_curves(
-    workload: Workload, batch_per_gpu: int, link: LinkModel, max_gpus: int = 1024, algorithms=PLAN_ALGORITHMS, **kw
+    workload: Workload,
+    batch_per_gpu: int,
+    link: LinkModel,
+    max_gpus: int = 1024,
+    algorithms: Iterable[str] | None = None,
+    **kw,
 ) -> dict[str, list[tuple[int, float, float]]]:
     """Per algorithm: (GPUs, speedup with overlap, speedup without) for 1, 2, 4, ... max_gpus."""
     gpu_counts = [2**i for i in range(int(math.log2(max_gpus)) + 1)]
     curves = {}
-    for a in algorithms:
+    for a in algorithms or algorithm_names():
         points = [plan_point(workload, a, g, batch_per_gpu, link, **kw) for g in gpu_counts]
         curves[a] = [(p.gpus, p.speedup, p.speedup_no_overlap) for p in points]
     return curves
@@ -99,18 +105,21 @@ def format_plan(rows: list[Prediction], workload: Workload, link: LinkModel) -> 
     return "\n".join(lines)
 
 
-def build_model(spec: str, num_classes: int = 1000):
-    """``googlenet``, ``nin`` or ``package.module:Class`` (built with no arguments)."""
+def build_workload_model(spec: str, num_classes: int = 1000):
+    """A registered model name (``googlenet``, ``nin``, ...) or ``package.module:Class`` (built with no
+    arguments)."""
     import importlib
 
-    if spec in ("googlenet", "nin"):
-        from .. import models
+    from ..models import build_model, model_names
 
-        return models.GoogLeNet(num_classes) if spec == "googlenet" else models.NiN(num_classes)
     if ":" in spec:
         mod, _, cls = spec.partition(":")
         return getattr(importlib.import_module(mod), cls)()
-    raise ValueError(f"unknown model {spec!r}: use googlenet, nin, package.module:Class or a parameter count")
+    if spec in model_names():
+        return build_model(spec, num_classes)
+    raise ValueError(
+        f"unknown model {spec!r}: use one of {', '.join(model_names())}, package.module:Class or a parameter count"
+    )
 
 
 def gradient_bytes(module) -> int:

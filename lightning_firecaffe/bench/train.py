@@ -9,19 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from ..schedules import ALGORITHMS
+from ..comm.schedules import algorithm_names
+from ..testing.ranks import run_launcher_script
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algorithms", default="auto,auto:measure,tree,pipelined_tree,double_tree,ring",
-                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(ALGORITHMS)}; "
+                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(algorithm_names())}; "
                              "'auto:measure' = auto with links timed at start-up)")
-    parser.add_argument("--model", default="nin", help="nin, googlenet or mlp")
+    from ..models import model_names
+
+    parser.add_argument("--model", default="nin", help=f"a registered model: {', '.join(model_names())}")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="per rank")
     parser.add_argument("--steps", type=int, default=15)
@@ -43,12 +44,9 @@ def _worker_args(args: argparse.Namespace, strategy: str, algorithm: str, out: s
 def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, "-m", "lightning_firecaffe.bench.train_worker",
+        cmd = ["-m", "lightning_firecaffe.bench.train_worker",
                *_worker_args(args, strategy, algorithm, out), "--devices", str(args.world_size)]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-            env.pop(key, None)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = run_launcher_script(cmd, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{strategy}/{algorithm} failed:\n{proc.stderr[-3000:]}")
         return json.loads(Path(out).read_text())
@@ -70,9 +68,9 @@ def run_train_bench(args: argparse.Namespace) -> int:
     where = f"emulated cluster, {args.hosts_rate} links" if args.hosts_rate else "loopback"
     print(f"\n{args.model} {args.image_size}px, {args.batch}/rank, {args.world_size} ranks, {where}; "
           f"gradients {results[0]['gradient_bytes'] / 1e6:.1f} MB")  # fmt: skip
-    print(f"{'strategy':<26} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'comm wait share':>16}")
+    print(f"{'strategy':<26} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'exposed comm':>16}")
     for r in results:
-        share = f"{100 * r['comm_wait_share']:.0f}%" if r["comm_wait_share"] is not None else "-"
+        share = f"{100 * r['exposed_share']:.0f}%" if r["exposed_share"] is not None else "-"
         print(f"{r['strategy']:<26} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
               f"{r['images_per_s'] / base:>7.2f} {share:>16}")  # fmt: skip
     out = Path(args.out)

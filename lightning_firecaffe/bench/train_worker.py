@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_firecaffe  # noqa: F401
 from lightning_firecaffe import FireCaffeStrategy
+from lightning_firecaffe.models import build_model
 
 
 class SyntheticImages(Dataset):
@@ -39,20 +40,10 @@ class SyntheticImages(Dataset):
         return self.x[i % len(self.x)], self.y[i % len(self.y)]
 
 
-def build_backbone(name: str, classes: int, size: int) -> nn.Module:
-    if name in ("nin", "googlenet"):
-        from lightning_firecaffe import models
-
-        return models.NiN(classes) if name == "nin" else models.GoogLeNet(classes)
-    if name == "mlp":  # big gradients, little compute: a communication-bound workload
-        return nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, classes))
-    raise ValueError(f"unknown model {name!r}: use nin, googlenet or mlp")
-
-
 class Bench(LightningModule):
     def __init__(self, model: str, classes: int, size: int):
         super().__init__()
-        self.net = build_backbone(model, classes, size)
+        self.net = build_model(model, classes, image_size=size)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -80,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--algorithm", default="auto")
     p.add_argument("--model", default="nin")
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8, help="per rank")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -104,12 +96,12 @@ def main(argv: list[str] | None = None) -> None:
         enable_model_summary=False,
         callbacks=[timer],
     )
-    model = Bench(args.model, 1000 if args.model != "mlp" else 10, args.image_size)
+    model = Bench(args.model, args.classes, args.image_size)
     data = DataLoader(SyntheticImages(10**6, args.image_size, 10), batch_size=args.batch)
     trainer.fit(model, data)
     if trainer.global_rank == 0:
         stats = getattr(trainer.strategy, "comm_stats", None)
-        waits = [s.wait_s for s in list(stats.history)[args.warmup :]] if stats else []
+        exposed = [s.exposed_s for s in list(stats.history)[args.warmup :]] if stats else []
         step = statistics.median(timer.times)
         result = {
             "strategy": args.strategy if args.strategy == "ddp" else f"firecaffe:{args.algorithm}",
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             "step_s": step,
             "steps_per_s": 1 / step,
             "images_per_s": trainer.world_size * args.batch / step,
-            "comm_wait_share": (statistics.mean(waits) / step) if waits else None,
+            "exposed_share": (statistics.mean(exposed) / step) if exposed else None,
             "gradient_bytes": sum(q.numel() * q.element_size() for q in model.parameters()),
             "algorithms": dict(stats.algorithms) if stats else {},
         }

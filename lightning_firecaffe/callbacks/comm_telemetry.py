@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class CommTelemetry(Callback):
-    """Logs ``firecaffe/comm_wait_s`` (not hidden behind backward), ``firecaffe/comm_busy_s`` and bytes
+    """Logs ``firecaffe/exposed_s`` (not hidden behind backward), ``firecaffe/busy_s`` and bytes
     sent/received by this rank after every optimizer step; rank 0 prints a summary at the end of fit.
 
     Added automatically by ``FireCaffeStrategy``; loggers (CSV, TensorBoard, ...) record the metrics.
@@ -31,8 +31,8 @@ class CommTelemetry(Callback):
         last = stats.last()
         pl_module.log_dict(
             {
-                "firecaffe/comm_wait_s": float(last.wait_s),
-                "firecaffe/comm_busy_s": float(last.busy_s),
+                "firecaffe/exposed_s": float(last.exposed_s),
+                "firecaffe/busy_s": float(last.busy_s),
                 "firecaffe/bytes_sent": float(last.bytes_sent),
                 "firecaffe/bytes_received": float(last.bytes_received),
             },

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import CaffeMaxPool, conv_relu, xavier_init
+from .registry import register_model
 
 
 class Inception(nn.Module):
@@ -39,6 +40,7 @@ class AuxClassifier(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
 
 
+@register_model("googlenet")
 class GoogLeNet(nn.Module):
     """Returns logits; in training mode with ``aux_logits`` a tuple ``(main, aux1, aux2)``.
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import CaffeMaxPool, conv_relu
+from .registry import register_model
 
 
 def mlpconv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, last: int | None = None,
@@ -18,6 +19,7 @@ def mlpconv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
     return nn.Sequential(conv_relu(cin, cout, kernel, stride, padding), conv_relu(cout, cout, 1), final)
 
 
+@register_model("nin")
 class NiN(nn.Module):
     """Returns logits. Works at 224 px and at small inputs (32-64 px): pools clip to the input.
 

@@ -1,6 +1,6 @@
 """Training with strategy="firecaffe" on a real one-node SLURM cluster (slurmctld, slurmd, slurmdbd) on localhost.
 
-The cluster comes up once for the module (``lightning_firecaffe.slurm_local``: private state dir, munge,
+The cluster comes up once for the module (``lightning_firecaffe.testing.slurm``: private state dir, munge,
 MariaDB, ports and ``SLURM_CONF``) and is torn down afterwards, even if a test times out. Where SLURM is
 not installed (``.ci/install-slurm.sh``) or we are not root, the tests skip with the reason.
 
@@ -9,7 +9,7 @@ not installed (``.ci/install-slurm.sh``) or we are not root, the tests skip with
     task count comes from ``trainer.devices`` through the launcher config (``tasks_per_node``).
 Both train NiN on the demo shards for a few steps with ``rank_reports=true`` and check through the
 ``ranks/rank<N>.json`` files each rank writes that it trained on 2 ranks under Lightning's SLURMEnvironment.
-(c) a dead job is reported by the launcher: it uses ``tests/slurm_app/hydra_app.py`` (``die=true``), a
+(c) a dead job is reported by the launcher: it uses ``tests/integration/slurm_app/hydra_app.py`` (``die=true``), a
     tiny stand-in app whose tasks exit at once.
 """
 
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_firecaffe.slurm_local import LocalSlurm, SlurmUnavailable, check_prerequisites
+from lightning_firecaffe.testing.slurm import LocalSlurm, SlurmUnavailable, check_prerequisites
 
-ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "tests" / "slurm_app"
+ROOT = Path(__file__).resolve().parents[2]
+APP_DIR = ROOT / "tests" / "integration" / "slurm_app"
 APP = APP_DIR / "hydra_app.py"  # the stand-in whose tasks can die at once (test c)
 FIRECAFFE_TRAIN = Path(sys.executable).with_name("firecaffe-train")
 # tiny settings for the real app: a few steps of NiN on the demo shards, 2 ranks, no progress bar in the logs

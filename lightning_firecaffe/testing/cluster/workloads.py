@@ -1,7 +1,7 @@
 """Small workloads for :meth:`EmulatedCluster.run` (self-checks and link measurements).
 
 Each runs on every rank after ``init_process_group`` and returns something picklable.  They import only
-torch, so ranks start fast (see :mod:`lightning_firecaffe.cluster.worker`).
+torch, so ranks start fast (see :mod:`lightning_firecaffe.testing.cluster.worker`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Per-optimizer-step communication figures: exposed wait, busy time and bytes, kept in one process.
 
-"Exposed" wait is what training actually pays: the time from the last gradient bucket becoming ready
+``exposed_s`` is what training actually pays: the time from the last gradient bucket becoming ready
 (backward has finished computing) until every bucket is reduced. Communication that overlaps backward
-is counted in ``busy_s`` but not in ``wait_s``.
+is counted in ``busy_s`` but not in ``exposed_s``. (One name everywhere: the logged metric is
+``firecaffe/exposed_s``, the app's summary says ``exposed_s``, the train benchmark ``exposed_share``.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class CommFigures:
     bytes_sent: int = 0
     bytes_received: int = 0
     busy_s: float = 0.0
-    wait_s: float = 0.0
+    exposed_s: float = 0.0
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CommStats:
             cur.busy_s += busy_s
             if not is_last:
                 return
-            cur.wait_s = max(0.0, time.perf_counter() - cur.last_ready_at) if cur.last_ready_at else cur.busy_s
+            cur.exposed_s = max(0.0, time.perf_counter() - cur.last_ready_at) if cur.last_ready_at else cur.busy_s
             cur.step = self.totals.steps
             self.history.append(cur)
             t = self.totals
@@ -78,7 +79,7 @@ class CommStats:
             t.bytes_sent += cur.bytes_sent
             t.bytes_received += cur.bytes_received
             t.busy_s += cur.busy_s
-            t.wait_s += cur.wait_s
+            t.exposed_s += cur.exposed_s
             self._current = StepComm()
 
     @property
@@ -99,6 +100,6 @@ class CommStats:
         return (
             f"FireCaffe ({algorithm}): {t.steps} steps, buckets [{used}]; per step this rank sent "
             f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "
-            f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.wait_s):.1f} ms "
+            f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.exposed_s):.1f} ms "
             f"not hidden behind backward."
         )

@@ -1,11 +1,11 @@
 """The data model of an all-reduce schedule: who sends which chunk range to whom, in which round.
 
 A schedule is pure data, computed once per (algorithm, world size, chunk count) and shared by the
-simulator, the cost model and the executor. Rounds are lock-step in the model: every step of a round is
+simulator, the cost model and the executor. Rounds are lock-step in the model: every message of a round is
 posted at once, sends read the buffer as it was when the round began, and received data is applied when
 the round ends. "Forwarding" a chunk is a RECV_COPY followed by a SEND of the same chunk in a later round.
 
-The list of transfers is the source of truth (cheap even for 1024 ranks); each rank's ordered steps
+The list of transfers is the source of truth (cheap even for 1024 ranks); each rank's ordered messages
 are derived from it on demand.
 """
 
@@ -29,7 +29,7 @@ class Op(str, enum.Enum):
     RECV_COPY = "recv_copy"  # receive and overwrite the buffer
 
 
-class Step(NamedTuple):
+class Message(NamedTuple):
     """One message as seen by one rank: ``op`` chunks ``[lo, hi)`` with ``peer``."""
 
     op: Op
@@ -39,7 +39,8 @@ class Step(NamedTuple):
 
 
 class Transfer(NamedTuple):
-    """One message as seen by the builder: ``src`` sends chunks ``[lo, hi)`` to ``dst`` in ``round``."""
+    """One message as seen by the builder: ``src`` sends chunks ``[lo, hi)`` to ``dst`` in ``round``.
+    (Each rank sees it as a :class:`Message`: a send at ``src``, a receive at ``dst``.)"""
 
     round: int
     src: int
@@ -51,7 +52,7 @@ class Transfer(NamedTuple):
 
 @dataclass(frozen=True)
 class Schedule:
-    """One all-reduce: its transfers, sorted by round. ``steps_of(rank)[t]`` is a rank's steps in round t."""
+    """One all-reduce: its transfers, sorted by round. ``messages_of(rank)[r]`` is a rank's messages in round r."""
 
     algorithm: str
     world_size: int
@@ -60,16 +61,16 @@ class Schedule:
     num_rounds: int
     _per_rank: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
-    def steps_of(self, rank: int) -> tuple[tuple[Step, ...], ...]:
-        """This rank's steps, round by round, in a deterministic order (cached)."""
+    def messages_of(self, rank: int) -> tuple[tuple[Message, ...], ...]:
+        """This rank's messages, round by round, in a deterministic order (cached)."""
         if rank not in self._per_rank:
-            grid: list[list[Step]] = [[] for _ in range(self.num_rounds)]
+            grid: list[list[Message]] = [[] for _ in range(self.num_rounds)]
             for t in self.transfers:
                 if t.src == rank:
-                    grid[t.round].append(Step(Op.SEND, t.dst, t.lo, t.hi))
+                    grid[t.round].append(Message(Op.SEND, t.dst, t.lo, t.hi))
                 elif t.dst == rank:
-                    grid[t.round].append(Step(Op.RECV_ADD if t.reduce else Op.RECV_COPY, t.src, t.lo, t.hi))
-            self._per_rank[rank] = tuple(tuple(steps) for steps in grid)
+                    grid[t.round].append(Message(Op.RECV_ADD if t.reduce else Op.RECV_COPY, t.src, t.lo, t.hi))
+            self._per_rank[rank] = tuple(tuple(messages) for messages in grid)
         return self._per_rank[rank]
 
     @cached_property

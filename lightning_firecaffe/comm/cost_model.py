@@ -14,7 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .schedules import ALGORITHMS, Schedule, chunk_offsets, schedule_for_bytes
+from .schedules import Schedule, auto_candidates, chunk_offsets, schedule_for_bytes
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,24 @@ def predict(
     return schedule_time(schedule, nbytes, link, itemsize)
 
 
+def rank_algorithms(
+    nbytes: int,
+    world_size: int,
+    link: LinkModel,
+    *,
+    arity: int = 2,
+    chunk_bytes: int = 1 << 20,
+    candidates: Iterable[str] | None = None,
+) -> list[tuple[str, float]]:
+    """``(algorithm, predicted seconds)`` fastest first (stable: ties keep registry order).
+
+    ``candidates`` defaults to the registry's ``auto`` candidates for this world size and node layout.
+    """
+    names = auto_candidates(world_size, link.ranks_per_node) if candidates is None else tuple(candidates)
+    priced = [(a, predict(a, nbytes, world_size, link, arity=arity, chunk_bytes=chunk_bytes)) for a in names]
+    return sorted(priced, key=lambda item: item[1])
+
+
 def best_algorithm(
     nbytes: int,
     world_size: int,
@@ -101,16 +119,13 @@ def best_algorithm(
     *,
     arity: int = 2,
     chunk_bytes: int = 1 << 20,
-    candidates: Iterable[str] = ("tree", "pipelined_tree", "double_tree", "two_level", "ring"),
+    candidates: Iterable[str] | None = None,
 ) -> str:
     """The candidate with the lowest predicted time (ties go to the earlier candidate)."""
-    candidates = [c for c in candidates if c in ALGORITHMS]
-    if link.ranks_per_node == 1:
-        candidates = [c for c in candidates if c != "two_level"] or candidates  # identical to pipelined_tree
-    return min(
-        candidates,
-        key=lambda a: predict(a, nbytes, world_size, link, arity=arity, chunk_bytes=chunk_bytes),
-    )
+    ranking = rank_algorithms(nbytes, world_size, link, arity=arity, chunk_bytes=chunk_bytes, candidates=candidates)
+    if not ranking:
+        raise ValueError(f"no all-reduce algorithm is eligible for {world_size} ranks")
+    return ranking[0][0]
 
 
 # Closed forms (bandwidth and latency terms) of the textbook algorithms, for checks and quick estimates.

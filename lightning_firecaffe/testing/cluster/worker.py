@@ -2,7 +2,7 @@
 
 Started by path (not ``-m``) and importing only the standard library, so that a rank does not pay for
 ``import lightning_firecaffe`` (which imports Lightning, ~5 s on 2 cores) unless its target needs it.
-Targets inside ``lightning_firecaffe.cluster`` are imported without running the top-level package's
+Targets inside ``lightning_firecaffe.testing.cluster`` are imported without running the top-level package's
 ``__init__`` (so no strategy registration there: import ``lightning_firecaffe`` yourself if you need it).
 
 The spec holds the target (module, qualified name, script path when it lives in ``__main__``), the pickled
@@ -32,7 +32,7 @@ def _import_target(module: str, qualname: str, main_path: str | None):
         sys.modules["__main__"] = mod
         spec.loader.exec_module(mod)
     else:
-        if module.startswith("lightning_firecaffe.cluster") and "lightning_firecaffe" not in sys.modules:
+        if module.startswith("lightning_firecaffe.testing.cluster") and "lightning_firecaffe" not in sys.modules:
             pkg_spec = importlib.util.find_spec("lightning_firecaffe")
             if pkg_spec is not None and pkg_spec.submodule_search_locations:
                 stub = types.ModuleType("lightning_firecaffe")

@@ -1,7 +1,9 @@
-"""Start N local ranks (fork) with a gloo process group, run a function, collect results or errors.
+"""Start N local ranks, always with a deadline: nothing here can hang.
 
-Used by the benchmarks on loopback and by the tests. A rank that neither reports nor exits before the
-deadline is killed: nothing here can hang.
+* :func:`run_ranks` forks ranks with a gloo process group and runs a function in each (the executor and
+  comm benchmark on loopback, the tests); a rank that neither reports nor exits in time is killed.
+* :func:`run_launcher_script` runs a script whose ``Trainer`` starts its own ranks (``ddp`` and
+  ``firecaffe`` re-run the command line in each child), in a clean environment.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from typing import Any, Callable
 
 
+_RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR")
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the one port helper of the project)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,3 +90,20 @@ def first_result(results: dict[int, tuple]) -> Any:
         detail = "\n".join(f"rank {r}: {status}: {value}" for r, (status, value) in sorted(failed.items()))
         raise RuntimeError(f"benchmark ranks failed:\n{detail}")
     return results[0][1]
+
+
+def run_launcher_script(
+    argv: list[str], *, timeout: float, cwd: Any = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python argv...`` whose Trainer launches its own ranks; output is captured, ``timeout`` enforced.
+
+    Rank variables inherited from a surrounding job are dropped (the child would think it was launched
+    externally and wait for peers that never come) and every process gets one intra-op thread.
+    """
+    environment = dict(os.environ if env is None else env)
+    for key in _RANK_VARIABLES:
+        environment.pop(key, None)
+    environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, *map(str, argv)], env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -3,8 +3,8 @@
 tests/test_slurm.py trains with the real ``firecaffe-train``; this stand-in remains for the dead-job test
 (``die=true``: every task exits at once, which only SLURM accounting can report).
 
-    python tests/slurm_app/hydra_app.py out_dir=/tmp/x trainer.devices=2
-    python tests/slurm_app/hydra_app.py -m hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=2 ...
+    python tests/integration/slurm_app/hydra_app.py out_dir=/tmp/x trainer.devices=2
+    python tests/integration/slurm_app/hydra_app.py -m hydra/launcher=submitit_slurm hydra.launcher.tasks_per_node=2 ...
 
 ``tiny_training`` must be importable where the job runs: the test puts this directory on ``PYTHONPATH``
 (sbatch exports the submitting environment to the job).

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .core import Schedule, Transfer, build, reversed_as_broadcast
+from .registry import paired_pieces, pieces, register_algorithm, whole_buffer
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,13 @@ def pipelined_allreduce(trees: Sequence[tuple[Tree, Sequence[int]]], first_round
     return transfers
 
 
+@register_algorithm(
+    "tree",
+    chunking=whole_buffer,
+    uses_arity=True,
+    summary="FireCaffe's reduction tree: reduce to rank 0, broadcast back (k-nomial, `arity`)",
+    cost="2 ceil(log2 p) N/B",
+)
 def tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: object) -> Schedule:
     """Reduce the whole buffer up a k-nomial tree to rank 0, then broadcast it back down (mirror image)."""
     members = list(range(world_size))
@@ -119,6 +127,13 @@ def tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: object) -> S
     return build("tree", world_size, num_chunks, up + down)
 
 
+@register_algorithm(
+    "pipelined_tree",
+    chunking=pieces,
+    uses_arity=True,
+    summary="the buffer streams in `chunk_bytes` pieces up and down a k-ary tree, all levels busy",
+    cost="~3 N/B",
+)
 def pipelined_tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: object) -> Schedule:
     """The tree with the buffer cut into chunks that stream through a k-ary heap tree.
 
@@ -129,6 +144,12 @@ def pipelined_tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: ob
     return build("pipelined_tree", world_size, num_chunks, transfers)
 
 
+@register_algorithm(
+    "double_tree",
+    chunking=paired_pieces,
+    summary="two complementary pipelined trees, each carrying half (NCCL's design)",
+    cost="~2 N/B, log p depth",
+)
 def double_tree(world_size: int, num_chunks: int = 2, **_: object) -> Schedule:
     """Two complementary pipelined binary trees, each carrying half of the chunks.
 
@@ -150,6 +171,15 @@ def nodes_of(world_size: int, ranks_per_node: int) -> list[list[int]]:
     return [list(range(s, min(s + ranks_per_node, world_size))) for s in range(0, world_size, ranks_per_node)]
 
 
+@register_algorithm(
+    "two_level",
+    chunking=pieces,
+    uses_arity=True,
+    uses_ranks_per_node=True,
+    eligible=lambda world_size, ranks_per_node: ranks_per_node > 1,  # else it is pipelined_tree
+    summary="reduce inside each node, pipelined tree across node leaders, broadcast inside nodes",
+    cost="one buffer per NIC",
+)
 def two_level(world_size: int, num_chunks: int = 1, arity: int = 2, ranks_per_node: int = 1, **_: object) -> Schedule:
     """Reduce inside each node, all-reduce across node leaders with a pipelined tree, broadcast inside nodes.
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .schedules import Op, Schedule, chunk_offsets
+from .schedules import Message, Op, Schedule, chunk_offsets
 
 _TAG_SPACE = 1 << 30
 
@@ -39,9 +39,11 @@ class TransferCounters:
 
 @dataclass
 class _Pending:
+    """A posted message whose Work has not been waited for yet."""
+
     work: Any
-    step_desc: str
-    peer: int
+    description: str
+    peer: int  # -1: a batched round (NCCL), whose peers are listed in the description
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -49,15 +51,22 @@ def _overlap(a: tuple, b: tuple) -> bool:
     return any(lo < d and c < hi for lo, hi in a for c, d in b)
 
 
+class _PlannedMessage(NamedTuple):
+    """One message of a planned round: element range ``[lo, hi)`` of the buffer, and where it lands."""
+
+    message: Message
+    lo: int
+    hi: int
+    scratch: tuple[int, int] | None  # element span of the round's receive buffer; None: in place
+    description: str  # for error messages, e.g. "receiving from rank 2 chunks [0, 1) of round 3"
+
+
 @dataclass(frozen=True)
 class _RoundPlan:
-    """What one round of this rank does, derived once per (schedule, buffer length, dtype size).
+    """What one round of this rank does, derived once per (schedule, buffer length, dtype size)."""
 
-    ``entries`` holds (step, lo, hi, scratch span or None for in-place, description) per message.
-    """
-
-    t: int
-    entries: tuple
+    round_index: int  # the schedule's round number
+    entries: tuple[_PlannedMessage, ...]
     scratch_need: int
     arena: int  # 0: the bucket-sized receive buffer; 1 or 2: the two small ones, alternating
     small: bool
@@ -117,9 +126,9 @@ class ScheduleExecutor:
     def all_reduce_(self, buffer: torch.Tensor, schedule: Schedule, *, bucket: int = 0, step: int = 0) -> torch.Tensor:
         """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``.
 
-        Rounds run in order, software-pipelined where the data allow it: while round t's messages are
-        on the wire, round t-1's received data is added into the buffer (unless round t sends or
-        overwrites it) and round t+1's receives are already posted, so a peer never waits for this
+        Rounds run in order, software-pipelined where the data allow it: while round r's messages are
+        on the wire, round r-1's received data is added into the buffer (unless round r sends or
+        overwrites it) and round r+1's receives are already posted, so a peer never waits for this
         rank to wake up before it can send. Only "small" rounds (receive buffers within
         ``overlap_bytes``) take part; a whole-bucket round runs alone in one bucket-sized buffer.
         """
@@ -155,36 +164,38 @@ class ScheduleExecutor:
         if cached is None or cached[0] is not schedule:  # ``is``: an id may be reused after collection
             offsets = chunk_offsets(numel, schedule.num_chunks)
             plans = []
-            for t, steps in enumerate(schedule.steps_of(self.rank)):
-                live = [s for s in steps if offsets[s.hi] > offsets[s.lo]]
+            for round_index, messages in enumerate(schedule.messages_of(self.rank)):
+                live = [m for m in messages if offsets[m.hi] > offsets[m.lo]]
                 if live:
-                    plans.append(self._plan(live, offsets, t, len(plans), itemsize))
+                    plans.append(self._plan(live, offsets, round_index, len(plans), itemsize))
             cached = self._plans[key] = (schedule, plans)
         return cached[1]
 
-    def _plan(self, live: list, offsets: list[int], t: int, position: int, itemsize: int) -> _RoundPlan:
-        sent = tuple((offsets[s.lo], offsets[s.hi]) for s in live if s.op is Op.SEND)
+    def _plan(
+        self, live: list[Message], offsets: list[int], round_index: int, position: int, itemsize: int
+    ) -> _RoundPlan:
+        sent = tuple((offsets[m.lo], offsets[m.hi]) for m in live if m.op is Op.SEND)
         entries, need = [], 0
-        for s in live:
-            lo, hi = offsets[s.lo], offsets[s.hi]
-            verb = "sending to" if s.op is Op.SEND else "receiving from"
-            desc = f"{verb} rank {s.peer} chunks [{s.lo}, {s.hi}) of round {t}"
-            if s.op is Op.RECV_ADD or (s.op is Op.RECV_COPY and _overlap(((lo, hi),), sent)):
-                entries.append((s, lo, hi, (need, need + hi - lo), desc))
+        for m in live:
+            lo, hi = offsets[m.lo], offsets[m.hi]
+            verb = "sending to" if m.op is Op.SEND else "receiving from"
+            description = f"{verb} rank {m.peer} chunks [{m.lo}, {m.hi}) of round {round_index}"
+            if m.op is Op.RECV_ADD or (m.op is Op.RECV_COPY and _overlap(((lo, hi),), sent)):
+                entries.append(_PlannedMessage(m, lo, hi, (need, need + hi - lo), description))
                 need += hi - lo
             else:
-                entries.append((s, lo, hi, None, desc))
+                entries.append(_PlannedMessage(m, lo, hi, None, description))
         small = need * itemsize <= self.overlap_bytes
         return _RoundPlan(
-            t,
+            round_index,
             tuple(entries),
             need,
             arena=(1 + position % 2) if small else 0,
             small=small,
-            received=tuple((lo, hi) for s, lo, hi, _, _ in entries if s.op is not Op.SEND),
-            received_via_scratch=tuple((lo, hi) for s, lo, hi, span, _ in entries if span is not None),
+            received=tuple((e.lo, e.hi) for e in entries if e.message.op is not Op.SEND),
+            received_via_scratch=tuple((e.lo, e.hi) for e in entries if e.scratch is not None),
             sent=sent,
-            sent_or_written_in_place=tuple((lo, hi) for s, lo, hi, span, _ in entries if span is None),
+            sent_or_written_in_place=tuple((e.lo, e.hi) for e in entries if e.scratch is None),
         )
 
     @staticmethod
@@ -201,44 +212,48 @@ class ScheduleExecutor:
             rnd.scratch = self._scratch_for(buffer, plan.scratch_need, plan.arena)
         reverse = self.group if self.group_reverse is None else self.group_reverse
         ops = []
-        for index, (s, lo, hi, span, desc) in enumerate(plan.entries):
+        for index, entry in enumerate(plan.entries):
+            m, span = entry.message, entry.scratch
             if index in rnd.posted:
                 continue
-            if only == "receives" and (s.op is Op.SEND or span is None):
+            if only == "receives" and (m.op is Op.SEND or span is None):
                 continue
-            if only == "sends" and s.op is not Op.SEND:
+            if only == "sends" and m.op is not Op.SEND:
                 continue
             rnd.posted.add(index)
-            target = buffer[lo:hi] if span is None else rnd.scratch[span[0] : span[1]]
-            low, high = (self.rank, s.peer) if s.op is Op.SEND else (s.peer, self.rank)
+            target = buffer[entry.lo : entry.hi] if span is None else rnd.scratch[span[0] : span[1]]
+            low, high = (self.rank, m.peer) if m.op is Op.SEND else (m.peer, self.rank)
             group = self.group if low < high else reverse
-            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + plan.t) * (schedule.num_chunks + 1) + s.lo
+            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + plan.round_index) * (schedule.num_chunks + 1) + m.lo
             tag %= _TAG_SPACE
             nbytes = target.numel() * target.element_size()
-            if s.op is Op.SEND:
+            if m.op is Op.SEND:
                 self.counters.bytes_sent += nbytes
             else:
                 self.counters.bytes_received += nbytes
             if self.batched:
-                ops.append(dist.P2POp(dist.isend if s.op is Op.SEND else dist.irecv, target, s.peer, group, tag))
-            elif s.op is Op.SEND:
-                rnd.pending.append(_Pending(dist.isend(target, dst=s.peer, group=group, tag=tag), desc, s.peer))
+                ops.append(dist.P2POp(dist.isend if m.op is Op.SEND else dist.irecv, target, m.peer, group, tag))
+            elif m.op is Op.SEND:
+                work = dist.isend(target, dst=m.peer, group=group, tag=tag)
+                rnd.pending.append(_Pending(work, entry.description, m.peer))
             else:
-                rnd.pending.append(_Pending(dist.irecv(target, src=s.peer, group=group, tag=tag), desc, s.peer))
+                work = dist.irecv(target, src=m.peer, group=group, tag=tag)
+                rnd.pending.append(_Pending(work, entry.description, m.peer))
         if ops:
-            peers = sorted({s.peer for s, *_ in plan.entries})
-            rnd.pending += [_Pending(w, f"round {plan.t} with ranks {peers}", -1) for w in dist.batch_isend_irecv(ops)]
+            peers = sorted({e.message.peer for e in plan.entries})
+            description = f"round {plan.round_index} with ranks {peers}"
+            rnd.pending += [_Pending(w, description, -1) for w in dist.batch_isend_irecv(ops)]
 
     @staticmethod
     def _apply(rnd: _Round, buffer: torch.Tensor) -> None:
-        for s, lo, hi, span, _ in rnd.plan.entries:
-            if span is None:
+        for entry in rnd.plan.entries:
+            if entry.scratch is None:
                 continue
-            received = rnd.scratch[span[0] : span[1]]
-            if s.op is Op.RECV_ADD:
-                buffer[lo:hi].add_(received)
+            received = rnd.scratch[entry.scratch[0] : entry.scratch[1]]
+            if entry.message.op is Op.RECV_ADD:
+                buffer[entry.lo : entry.hi].add_(received)
             else:
-                buffer[lo:hi].copy_(received)
+                buffer[entry.lo : entry.hi].copy_(received)
 
     def _wait_all(self, pending: list[_Pending], bucket: int, step: int) -> None:
         deadline = time.monotonic() + self.stall_timeout
@@ -258,7 +273,7 @@ class ScheduleExecutor:
         what = "closed its connection (it probably died)" if closed else f"did not answer within {self.stall_timeout:g} s"
         names = ", ".join(f"rank {r}" for r in silent) or "a peer"
         return PeerStallError(
-            f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {first.step_desc} "
+            f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {first.description} "
             f"of gradient bucket {bucket} at training step {step}. Check that rank's log: it may have crashed, "
             f"been killed, or be stuck outside training. (cause: {cause})",
             silent,

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 from .core import Schedule, Transfer, build, reversed_as_broadcast
+from .registry import register_algorithm, whole_buffer
 
 
-def parameter_server(world_size: int, num_chunks: int = 1, **_: object) -> Schedule:
-    """Every rank sends its whole buffer to rank 0 (the server), which sends the sum back to each in turn.
-
-    The server's link carries 2 (p - 1) buffers: with p workers and a dedicated server, the paper's 2pN/B.
-    """
-    up = [Transfer(i - 1, i, 0, 0, num_chunks) for i in range(1, world_size)]
-    down = reversed_as_broadcast(up, first_round=len(up))
-    return build("parameter_server", world_size, num_chunks, up + down)
+def ring_pieces(nbytes: int, world_size: int, chunk_bytes: int) -> int:
+    """Two directions x p segments x k >= 2 pieces (so one is added while the next travels), each piece at
+    most two ``chunk_bytes``."""
+    return 2 * world_size * max(2, math.ceil(nbytes / (2 * world_size) / (2 * chunk_bytes)))
 
 
+@register_algorithm(
+    "ring",
+    chunking=ring_pieces,
+    summary="reduce-scatter + all-gather, both directions at once (bandwidth-optimal baseline)",
+    cost="2 (p-1)/p N/B",
+)
 def ring(world_size: int, num_chunks: int | None = None, **_: object) -> Schedule:
     """Reduce-scatter then all-gather around the ring, in both directions at once.
 
@@ -41,3 +46,20 @@ def ring(world_size: int, num_chunks: int | None = None, **_: object) -> Schedul
                         c = base + segment * k + j
                         transfers.append(Transfer(rnd, r, (r + step) % p, c, c + 1, reduce))
     return build("ring", world_size, directions * p * k, transfers)
+
+
+@register_algorithm(
+    "parameter_server",
+    chunking=whole_buffer,
+    auto=False,
+    summary="everyone to rank 0 and back (the baseline FireCaffe beats)",
+    cost="2 (p-1) N/B",
+)
+def parameter_server(world_size: int, num_chunks: int = 1, **_: object) -> Schedule:
+    """Every rank sends its whole buffer to rank 0 (the server), which sends the sum back to each in turn.
+
+    The server's link carries 2 (p - 1) buffers: with p workers and a dedicated server, the paper's 2pN/B.
+    """
+    up = [Transfer(i - 1, i, 0, 0, num_chunks) for i in range(1, world_size)]
+    down = reversed_as_broadcast(up, first_round=len(up))
+    return build("parameter_server", world_size, num_chunks, up + down)

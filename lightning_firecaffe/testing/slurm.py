@@ -8,16 +8,16 @@ binaries are reported with the reason (see ``.ci/install-slurm.sh``).
 
 Python::
 
-    from lightning_firecaffe.slurm_local import LocalSlurm, SlurmUnavailable
+    from lightning_firecaffe.testing.slurm import LocalSlurm, SlurmUnavailable
 
     with LocalSlurm() as cluster:                 # raises SlurmUnavailable (with the reason) if it can't
         subprocess.run(["sbatch", "--wait", "job.sh"], env=cluster.env(), timeout=120)
 
 CLI::
 
-    python -m lightning_firecaffe.slurm_local up [--state-dir DIR]   # prints `export SLURM_CONF=...`
-    python -m lightning_firecaffe.slurm_local status [--state-dir DIR]
-    python -m lightning_firecaffe.slurm_local down [--state-dir DIR]
+    python -m lightning_firecaffe.testing.slurm up [--state-dir DIR]   # prints `export SLURM_CONF=...`
+    python -m lightning_firecaffe.testing.slurm status [--state-dir DIR]
+    python -m lightning_firecaffe.testing.slurm down [--state-dir DIR]
 
 Teardown is guaranteed three ways: ``down()`` on leaving the ``with`` block; a detached reaper process that
 runs ``down`` when the owning process dies (even by SIGKILL, e.g. a pytest-timeout) or after ``ttl``
@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
+
+from .ranks import free_port
 
 DEFAULT_STATE_DIR = Path(os.environ.get("FIRECAFFE_SLURM_DIR", "/tmp/firecaffe-slurm"))
 CLUSTER_NAME = "firecaffe"
@@ -91,11 +93,6 @@ def check_prerequisites() -> Optional[str]:
         return "SLURM binaries missing: " + ", ".join(missing) + "; install them with .ci/install-slurm.sh"
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -239,11 +236,11 @@ class LocalSlurm:
 
     # ---------------------------------------------------------------------------------------- configs
     def _write_configs(self) -> None:
-        self.ports = {name: _free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb")}
+        self.ports = {name: free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb")}
         (self._p("ports.json")).write_text(json.dumps(self.ports))
         hw = self._node_hardware()
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
-        slurm_conf = f"""# written by lightning_firecaffe.slurm_local; removed by `down`
+        slurm_conf = f"""# written by lightning_firecaffe.testing.slurm; removed by `down`
 ClusterName={CLUSTER_NAME}
 SlurmctldHost=localhost
 SlurmctldPort={self.ports['slurmctld']}
@@ -586,7 +583,7 @@ def _reap(state_dir: str, owner_pid: int, ttl: float) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_firecaffe.slurm_local", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lightning_firecaffe.testing.slurm", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "check", "_reap"])
     parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help=f"default {DEFAULT_STATE_DIR} ($FIRECAFFE_SLURM_DIR)")
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds allowed for `up`")
@@ -612,7 +609,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(str(exc), file=sys.stderr)
             return 1
         print(f"# local SLURM up in {time.monotonic() - t0:.1f} s; stop with: "
-              f"python -m lightning_firecaffe.slurm_local down --state-dir {cluster.state_dir}")
+              f"python -m lightning_firecaffe.testing.slurm down --state-dir {cluster.state_dir}")
         print(f"export SLURM_CONF={cluster.slurm_conf}")
         return 0
     if args.command == "down":

@@ -14,21 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from lightning_firecaffe.cluster import (
+from lightning_firecaffe.testing.cluster import (
     ClusterRunError,
     ClusterTimeoutError,
     EmulatedCluster,
     can_emulate,
     down_all,
-    format_rate,
     list_runs,
-    parse_rate,
 )
-from lightning_firecaffe.cluster import workloads
+from lightning_firecaffe.testing.cluster import workloads
 
 CAN_EMULATE, REASON = can_emulate()
 needs_cluster = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _netns() -> set[str]:
@@ -82,19 +80,6 @@ def assert_nothing_left(before: dict, run_id: str) -> None:
 # --- no root needed -------------------------------------------------------------------------------------------
 
 
-def test_parse_rate():
-    assert parse_rate("1gbit") == 10**9
-    assert parse_rate("10Gbit") == 10**10
-    assert parse_rate("100mbit") == 10**8
-    assert parse_rate("2.5gbit") == 2_500_000_000
-    assert parse_rate(None) is None and parse_rate("none") is None
-    assert parse_rate(1e9) == 10**9
-    for bad in ("1gbps", "fast", "-1gbit", "1 GB"):
-        with pytest.raises(ValueError):
-            parse_rate(bad)
-    assert format_rate(10**9) == "1gbit" and format_rate(200 * 10**6) == "200mbit" and format_rate(None) == "unshaped"
-
-
 def test_can_emulate_gives_a_reason():
     ok, reason = can_emulate()
     assert isinstance(ok, bool) and reason
@@ -103,7 +88,7 @@ def test_can_emulate_gives_a_reason():
 
 
 def test_cli_help_states_the_latency_limitation():
-    from lightning_firecaffe.cluster.__main__ import build_parser
+    from lightning_firecaffe.testing.cluster.__main__ import build_parser
 
     text = build_parser().format_help()
     assert "latency" in text and "netem" in text
@@ -188,10 +173,10 @@ def test_links_are_shaped():
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_run_torn_down_on_signal(sig):
-    """`python -m lightning_firecaffe.cluster run ... -- sleep` killed with SIGTERM or Ctrl-C leaves nothing."""
+    """`python -m lightning_firecaffe.testing.cluster run ... -- sleep` killed with SIGTERM or Ctrl-C leaves nothing."""
     before, runs_before = _snapshot(), set(list_runs())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "lightning_firecaffe.cluster", "run", "--hosts", "2", "--rate", "1gbit",
+    cmd = [sys.executable, "-m", "lightning_firecaffe.testing.cluster", "run", "--hosts", "2", "--rate", "1gbit",
            "--", "sleep", "300"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

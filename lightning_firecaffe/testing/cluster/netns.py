@@ -18,7 +18,7 @@ not a delay.
 Teardown (deleting every namespace, which destroys veths, bridge and qdiscs with them, after killing every
 process inside) happens on leaving the ``with`` block, on exceptions, on Ctrl-C and SIGTERM/SIGHUP (while a
 cluster is up in the main thread those raise ``SystemExit`` there so the block unwinds), and at interpreter
-exit.  ``down_all()`` (``python -m lightning_firecaffe.cluster down --all``) removes leftovers of runs that
+exit.  ``down_all()`` (``python -m lightning_firecaffe.testing.cluster down --all``) removes leftovers of runs that
 were killed with SIGKILL.  Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN), ``ip`` and ``tc``.
 """
 
@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ...units import format_rate, parse_rate
+
 PREFIX = "fcn-"
 INTERFACE = "fcnet0"  # the host end of the veth inside every host namespace
 BRIDGE = "br0"
 DEFAULT_SUBNET = "10.77.0"  # /24, private to the cluster's namespaces
 WORKER = Path(__file__).with_name("worker.py")
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|tbit)?\s*$", re.IGNORECASE)
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
 _RUN_ID_RE = re.compile(r"^[a-z0-9]{1,12}$")
 
 
@@ -70,39 +70,6 @@ class ClusterRunError(RuntimeError):
 
 class ClusterTimeoutError(ClusterRunError, TimeoutError):
     """The run passed its deadline; every rank still running was killed."""
-
-
-def parse_rate(rate: str | int | float | None) -> int | None:
-    """``"1gbit"``, ``"200mbit"``, ``"10gbit"``, ``1e9`` (bits/s) -> bits/s; ``None``/``"none"`` -> None.
-
-    Units are bits per second as in tc (``kbit``, ``mbit``, ``gbit``, decimal); tc's ``bps`` means *bytes*
-    per second and is refused here to avoid an 8x mistake.
-    """
-    if rate is None:
-        return None
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate!r}")
-        return int(rate)
-    text = str(rate).strip().lower()
-    if text in ("", "none", "unshaped", "0"):
-        return None
-    match = _RATE_RE.match(text)
-    if not match:
-        raise ValueError(f"rate {rate!r}: expected e.g. '100mbit', '1gbit', '10gbit' (bits/s) or None")
-    value = float(match.group(1)) * _RATE_UNITS[(match.group(2) or "bit").lower()]
-    if value < 8000:
-        raise ValueError(f"rate {rate!r} is below 8kbit")
-    return int(value)
-
-
-def format_rate(bits_per_s: int | None) -> str:
-    if bits_per_s is None:
-        return "unshaped"
-    for unit, factor in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bits_per_s >= factor and bits_per_s % factor == 0:
-            return f"{bits_per_s // factor}{unit}"
-    return f"{bits_per_s}bit"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -340,7 +307,7 @@ def _down_at_exit() -> None:
             try:
                 cluster.down()
             except Exception as exc:  # pragma: no cover - best effort at exit
-                print(f"lightning_firecaffe.cluster: teardown of {cluster.run_id} failed: {exc}", file=sys.stderr)
+                print(f"lightning_firecaffe.testing.cluster: teardown of {cluster.run_id} failed: {exc}", file=sys.stderr)
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -378,7 +345,7 @@ class EmulatedCluster:
     Example::
 
         with EmulatedCluster(hosts=4, rate="1gbit") as cluster:
-            results = cluster.run("lightning_firecaffe.cluster.workloads:all_reduce_time", kwargs={"nbytes": 25e6})
+            results = cluster.run("lightning_firecaffe.testing.cluster.workloads:all_reduce_time", kwargs={"nbytes": 25e6})
             print(results[0].value)
 
     Args:
@@ -393,7 +360,7 @@ class EmulatedCluster:
         burst: tbf bucket in bytes (default: 2 ms at ``rate``, at least 64 KiB).
         tbf_latency: tbf queue limit as time (``"100ms"``); not an added delay.
         mtu: MTU of every veth.
-        keep: leave the cluster up at interpreter exit (for ``python -m lightning_firecaffe.cluster up``);
+        keep: leave the cluster up at interpreter exit (for ``python -m lightning_firecaffe.testing.cluster up``);
             ``down()`` and ``down_all()`` still remove it.
     """
 
@@ -488,7 +455,7 @@ class EmulatedCluster:
 
     @classmethod
     def attach(cls, run_id: str, ranks_per_host: int = 1, prefix: str = PREFIX) -> "EmulatedCluster":
-        """Use a cluster that is already up (e.g. from ``python -m lightning_firecaffe.cluster up``).
+        """Use a cluster that is already up (e.g. from ``python -m lightning_firecaffe.testing.cluster up``).
 
         The attached object does not tear the cluster down at exit (``keep=True``) unless ``down()`` is called.
         """
@@ -656,7 +623,7 @@ class EmulatedCluster:
         """Run one process per rank inside its host's namespace and wait for all of them.
 
         ``target`` is either a command (a list of strings, run as is with the rank's environment) or a
-        module-level callable / ``"package.module:function"`` run by :mod:`lightning_firecaffe.cluster.worker`
+        module-level callable / ``"package.module:function"`` run by :mod:`lightning_firecaffe.testing.cluster.worker`
         as ``fn(*args, **kwargs)`` after ``torch.distributed.init_process_group(backend)`` (env://; skipped
         when ``backend`` is None); its return value comes back pickled in ``RankResult.value``.  ``args`` and
         ``kwargs`` are pickled to the ranks.

@@ -1,4 +1,4 @@
-"""CLI: ``python -m lightning_firecaffe.cluster up|down|run|list|check``.
+"""CLI: ``python -m lightning_firecaffe.testing.cluster up|down|run|list|check``.
 
     up    --hosts 4 --rate 1gbit          build a cluster and leave it up; prints its description (JSON)
     down  RUN_ID | --all                  remove one cluster, or every one left behind (prefix fcn-)
@@ -36,7 +36,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_firecaffe.cluster",
+        prog="python -m lightning_firecaffe.testing.cluster",
         description="Emulated cluster: N hosts as network namespaces joined by a Linux bridge, every link "
                     "shaped with tc tbf in both directions. " + LATENCY_NOTE,
     )

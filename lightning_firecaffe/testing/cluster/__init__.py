@@ -1,6 +1,6 @@
 """Emulated cluster: hosts as network namespaces on a bridge, links shaped with tc tbf (root only).
 
-See :mod:`lightning_firecaffe.cluster.netns` and ``python -m lightning_firecaffe.cluster --help``.
+See :mod:`lightning_firecaffe.testing.cluster.netns` and ``python -m lightning_firecaffe.testing.cluster --help``.
 No added latency can be emulated on this kernel (no netem): only bandwidth.
 """
 
@@ -14,9 +14,7 @@ from .netns import (
     RankResult,
     can_emulate,
     down_all,
-    format_rate,
     list_runs,
-    parse_rate,
     require_root,
 )
 
@@ -30,8 +28,6 @@ __all__ = [
     "RankResult",
     "can_emulate",
     "down_all",
-    "format_rate",
     "list_runs",
-    "parse_rate",
     "require_root",
 ]

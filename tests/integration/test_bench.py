@@ -1,0 +1,32 @@
+"""The comm benchmark on loopback ranks writes valid JSON and a PNG, with a row for every algorithm."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lightning_firecaffe.comm.schedules import algorithm_names
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_comm_bench_on_loopback_writes_json_and_png(tmp_path):
+    argv = ["comm", "--world-sizes", "2,3", "--sizes", "1KB,64KB", "--reps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_firecaffe.bench", *argv], capture_output=True, text=True, timeout=170
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dist.all_reduce" in proc.stdout and "busbw" in proc.stdout
+    data = json.loads((tmp_path / "comm.json").read_text())
+    assert [r["world_size"] for r in data["reports"]] == [2, 3]
+    rows = data["reports"][1]["results"]
+    assert {r["algorithm"] for r in rows} == {*algorithm_names(), "dist.all_reduce", "auto"}
+    for r in rows:
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["predicted_s"] > 0 and r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 * 2 / 3)
+        # small messages: two rounds in flight, each with at most three 64 KB receive buffers
+        assert 0 < r["peak_extra_bytes"] <= 2 * 3 * 64_000
+    assert (tmp_path / "comm.png").read_bytes()[:8] == PNG_MAGIC
