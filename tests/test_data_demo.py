@@ -76,7 +76,6 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(420)
 def test_nin_learns_the_demo_set_under_firecaffe(demo_root, tmp_path):
     import lightning_firecaffe  # noqa: F401  (a broken registration must fail this test, not skip it)

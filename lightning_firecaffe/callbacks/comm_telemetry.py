@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 
 class CommTelemetry(Callback):
@@ -23,6 +24,7 @@ class CommTelemetry(Callback):
     def _stats(trainer: "pl.Trainer"):
         return getattr(trainer.strategy, "comm_stats", None)
 
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
         stats = self._stats(trainer)
         if stats is None or stats.completed_steps == self._logged_steps:
@@ -41,6 +43,7 @@ class CommTelemetry(Callback):
             sync_dist=False,
         )
 
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         stats = self._stats(trainer)
         if stats is not None:

@@ -157,7 +157,16 @@ class FireCaffeHookState:
 
 
 def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce."""
+    """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce.
+
+    Args:
+        state: the strategy's :class:`FireCaffeHookState` (groups, schedule selector, deadline, stats).
+        bucket: DDP's gradient bucket; its flat buffer is averaged in place.
+
+    Returns:
+        A future completed with the averaged buffer, or with the :class:`PeerStallError` that names a
+        silent peer (raised in the training thread's backward).
+    """
     buffer = bucket.buffer()
     index, is_last = bucket.index(), bucket.is_last()
     step = state.current_step()

@@ -11,7 +11,6 @@ from lightning_firecaffe.comm.schedules import algorithm_names
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_comm_bench_on_loopback_writes_json_and_png(tmp_path):
     argv = ["comm", "--world-sizes", "2,3", "--sizes", "1KB,64KB", "--reps", "2", "--out", str(tmp_path)]

@@ -11,7 +11,7 @@ from lightning_firecaffe.testing.ranks import run_ranks
 from lightning_firecaffe.comm.executor import PeerStallError, ScheduleExecutor
 from lightning_firecaffe.comm.schedules import Op, algorithm_names, chunk_offsets, schedule_for_bytes
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def _compare_with_all_reduce(rank, world_size, chunk_bytes):

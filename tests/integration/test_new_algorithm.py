@@ -61,7 +61,6 @@ def test_it_is_priced_considered_by_auto_and_accepted_by_the_strategy(registered
     assert StrategyRegistry.get("firecaffe_star").algorithm == "star"
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_the_comm_benchmark_measures_it(registered_star, tmp_path, capsys):
     """Ranks are forked, so they inherit the registration; the benchmark checks every sum it computes."""

@@ -61,7 +61,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 # -- training equals DDP ----------------------------------------------------------------------------------
-@pytest.mark.multiprocess
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_weights_bitwise_equal_to_ddp_and_hook_really_ran(trained, variant):
@@ -79,7 +78,6 @@ def test_weights_bitwise_equal_to_ddp_and_hook_really_ran(trained, variant):
     assert all(not torch.equal(fc_weights[k], initial[k]) for k in trained_keys), "training changed nothing"
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(400)
 def test_comm_metrics_reach_the_csv_logger(trained):
     metrics = next(Path(trained(*VARIANTS["plain"][1])[1]["out"]).rglob("metrics.csv"))
@@ -91,7 +89,6 @@ def test_comm_metrics_reach_the_csv_logger(trained):
     assert all(s >= params * 4 / 2 for s in sent), "each rank sends at least half of the gradient per step"
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_checkpoint_resume_continues_exactly(tmp_path):
     straight = tmp_path / "straight"
@@ -104,7 +101,6 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert_bitwise_equal(torch.load(resumed / "weights.pt"), torch.load(straight / "weights.pt"))
 
 
-@pytest.mark.multiprocess
 @pytest.mark.timeout(150)
 def test_dead_rank_is_named_and_survivors_exit_nonzero(tmp_path):
     started = time.monotonic()
