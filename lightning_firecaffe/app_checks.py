@@ -1,8 +1,12 @@
-"""Config checks and resolvers of ``firecaffe-train`` (the Hydra app in :mod:`lightning_firecaffe.train`).
+"""Pre-launch checks and resolvers of ``firecaffe-train`` (the Hydra app in :mod:`lightning_firecaffe.train`).
 
-Everything here runs on the composed config before any object is built or any process is started, and
-every error names the config keys involved, so ``firecaffe-train global_batch_size=100 trainer.devices=3``
-fails at once with a message saying which keys to change.
+Each setting has one owner. The constructors (strategy, model, callbacks, loggers, data) check their own
+arguments and raise :class:`~lightning_firecaffe.options.InvalidOption`; :func:`build` builds every group
+before any process starts and only adds the config key the error came from
+(``strategy.arity=1 must be an integer >= 2``). What stays here are the checks that span config groups,
+which no constructor can see: the global batch against the processes and accumulation, the warm-up against
+the run length, the model's classes against the data's, and paths. Every problem is collected and reported
+at once in a :class:`ConfigError`.
 
 Resolvers (registered on import):
 
@@ -15,17 +19,22 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-FIRECAFFE_TARGETS = ("lightning_firecaffe.FireCaffeStrategy", "lightning_firecaffe.strategy.FireCaffeStrategy")
+from .options import InvalidOption, is_int
 
 
 class ConfigError(ValueError):
-    """An invalid combination of config values; the message names the keys."""
+    """An invalid config: the message lists every problem, each naming its config keys."""
 
 
+# ------------------------------------------------------------------------------------------------ resolvers
 def _per_device_batch(global_batch: Any, devices: Any, num_nodes: Any, accumulate: Any = 1) -> int:
     try:
         g, d, n, a = (int(v) for v in (global_batch, devices, num_nodes, accumulate))
@@ -59,6 +68,7 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+# ------------------------------------------------------------------------------------------------ helpers
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
 
@@ -67,45 +77,23 @@ def _target(node: Any) -> str:
     return str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _train_samples(cfg: DictConfig) -> int | None:
-    """The training set size when known without reading the data: ``data.train_samples``, or the demo set's
-    metadata when the demo shards already exist."""
-    samples = _get(cfg, "data.train_samples")
-    if _is_int(samples):
-        return samples
-    data = cfg.get("data")
-    if isinstance(data, DictConfig) and _target(data).endswith("demo_datamodule"):
-        from .data.demo_set import VERSION, cache_dir
-
-        root = _get(cfg, "data.root") or os.path.join(cache_dir(), VERSION)
-        if os.path.exists(os.path.join(root, "demo.json")):
-            from .data import build_demo_set
-
-            return build_demo_set(root).train_samples  # reads the metadata, builds nothing
-    return None
-
-
+# ------------------------------------------------------------------------------------------------ cross-group checks
 def problems(cfg: DictConfig) -> list[str]:
-    """Every problem found in ``cfg`` (an empty list when it is valid)."""
-    from .large_batch import DECAYS, SCALING_RULES, UNITS, check_warmup_fits, get_preset
-    from .strategy import ALGORITHM_CHOICES
-
-    found: list[str] = []
-    trainer = cfg.get("trainer")
-    if not isinstance(trainer, DictConfig):
+    """The problems of ``cfg`` that span config groups and need nothing built (an empty list when none)."""
+    if not isinstance(cfg.get("trainer"), DictConfig):
         return ["the config has no trainer group (pick one: trainer=cpu or trainer=gpu)"]
+    return _batch_split_problems(cfg) + _path_problems(cfg) + _class_problems(cfg)
 
-    # --- the global batch and its split across processes -----------------------------------------------------
+
+def _batch_split_problems(cfg: DictConfig) -> list[str]:
+    """global_batch_size must split evenly across trainer.devices x num_nodes x accumulate_grad_batches."""
+    found: list[str] = []
     layout = {k: _get(cfg, f"trainer.{k}", 1) for k in ("devices", "num_nodes", "accumulate_grad_batches")}
     global_batch = _get(cfg, "global_batch_size")
-    if not (_is_int(global_batch) and global_batch >= 1):
+    if not (is_int(global_batch) and global_batch >= 1):
         found.append(f"global_batch_size={global_batch!r} must be a positive integer")
     for key, value in layout.items():
-        if not (_is_int(value) and value >= 1):
+        if not (is_int(value) and value >= 1):
             found.append(
                 f"trainer.{key}={value!r} must be a positive integer (global_batch_size is split across "
                 f"trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches)"
@@ -115,82 +103,166 @@ def problems(cfg: DictConfig) -> list[str]:
             _per_device_batch(global_batch, *layout.values())
         except ConfigError as exc:
             found.append(str(exc))
-    data = cfg.get("data")
-    train_samples = _get(cfg, "data.train_samples") if isinstance(data, DictConfig) else None
-    if _is_int(global_batch) and _is_int(train_samples) and global_batch > train_samples:
+    train_samples = _get(cfg, "data.train_samples")
+    if is_int(global_batch) and is_int(train_samples) and global_batch > train_samples:
         found.append(f"global_batch_size={global_batch} is larger than data.train_samples={train_samples}")
-    if isinstance(data, DictConfig) and "ImageNetShards" in _target(data):
-        if _get(cfg, "paths.imagenet") is None and "paths.imagenet" in str(OmegaConf.to_yaml(data, resolve=False)):
-            found.append(
-                "paths.imagenet is not set: pass paths.imagenet=/path/to/imagenet-shards (or set $IMAGENET_SHARDS)"
-            )
-
-    # --- strategy -----------------------------------------------------------------------------------------------
-    strategy = cfg.get("strategy")
-    if isinstance(strategy, DictConfig) and _target(strategy) in FIRECAFFE_TARGETS:
-        algorithm = strategy.get("algorithm", "auto")
-        if algorithm not in ALGORITHM_CHOICES:
-            found.append(f"strategy.algorithm={algorithm!r} is not one of {', '.join(ALGORITHM_CHOICES)}")
-        arity = strategy.get("arity", 2)
-        if not (_is_int(arity) and arity >= 2):
-            found.append(f"strategy.arity={arity!r} must be an integer >= 2")
-        start = strategy.get("start_method", "popen")
-        if start not in ("popen", "spawn", "fork", "forkserver"):
-            found.append(f"strategy.start_method={start!r} is not one of popen, spawn, fork, forkserver")
-
-    # --- the large-batch callback: choices and a warm-up that fits in training ---------------------------------
-    lb = _get(cfg, "callbacks.large_batch")
-    if isinstance(lb, DictConfig):
-        settings: dict[str, Any] = {}
-        preset = lb.get("preset")
-        if preset is not None:
-            try:
-                settings.update(get_preset(preset).callback_settings())
-            except ValueError as exc:
-                found.append(f"callbacks.large_batch.preset: {exc}")
-        settings.update({k: v for k, v in lb.items() if v is not None})
-        for key, allowed in (("rule", SCALING_RULES), ("decay", DECAYS), ("unit", UNITS)):
-            value = settings.get(key)
-            if value is not None and value not in allowed:
-                found.append(f"callbacks.large_batch.{key}={value!r} is not one of {', '.join(allowed)}")
-        warmup, unit = settings.get("warmup", 0) or 0, settings.get("unit", "epoch")
-        if unit in UNITS:
-            max_epochs, max_steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
-            try:
-                check_warmup_fits(float(warmup), unit, max_epochs=max_epochs, max_steps=max_steps)
-            except (TypeError, ValueError) as exc:
-                limit = "trainer.max_epochs" if unit == "epoch" else "trainer.max_steps"
-                found.append(
-                    f"callbacks.large_batch.warmup={warmup!r} ({unit}s) does not fit in training "
-                    f"({limit}={max_epochs if unit == 'epoch' else max_steps}): {exc}"
-                )
-            samples = _train_samples(cfg)
-            if unit == "epoch" and warmup and _is_int(max_steps) and max_steps > 0 and samples and not found:
-                steps_per_epoch = samples // _get(cfg, "global_batch_size")
-                if steps_per_epoch and warmup * steps_per_epoch >= max_steps:
-                    found.append(
-                        f"callbacks.large_batch.warmup={warmup:g} epochs (= {warmup * steps_per_epoch:g} steps of "
-                        f"global_batch_size={_get(cfg, 'global_batch_size')} over {samples} images) is not shorter "
-                        f"than trainer.max_steps={max_steps}; lower the warm-up or use callbacks.large_batch.unit=step"
-                    )
-        for key in ("base_lr",):
-            value = settings.get(key)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                found.append(f"callbacks.large_batch.{key}={value!r} must be a positive number")
-    lr = _get(cfg, "model.lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
-        found.append(f"model.lr={lr!r} must be a positive number")
-
-    # --- the model's classes and the data's --------------------------------------------------------------------
-    model_classes = _get(cfg, "model.backbone.num_classes")
-    data_classes = _get(cfg, "data.num_classes")
-    if _is_int(model_classes) and _is_int(data_classes) and model_classes != data_classes:
-        found.append(f"model.backbone.num_classes={model_classes} differs from data.num_classes={data_classes}")
     return found
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem of ``cfg`` (the message names the keys)."""
+def _path_problems(cfg: DictConfig) -> list[str]:
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "ImageNetShards" in _target(data) and _get(cfg, "paths.imagenet") is None:
+        if "paths.imagenet" in OmegaConf.to_yaml(data, resolve=False):
+            return ["paths.imagenet is not set: pass paths.imagenet=/path/to/imagenet-shards (or set $IMAGENET_SHARDS)"]
+    return []
+
+
+def _class_problems(cfg: DictConfig) -> list[str]:
+    model_classes, data_classes = _get(cfg, "model.backbone.num_classes"), _get(cfg, "data.num_classes")
+    if is_int(model_classes) and is_int(data_classes) and model_classes != data_classes:
+        return [f"model.backbone.num_classes={model_classes} differs from data.num_classes={data_classes}"]
+    return []
+
+
+def _warmups(built: Built) -> list[tuple[str, Any]]:
+    """``(config key, callback)`` of every LargeBatchScaling with a warm-up, as the callback resolved it."""
+    from .callbacks import LargeBatchScaling
+
+    return [(f"callbacks.{name}", cb) for name, cb in built.callbacks.items()
+            if isinstance(cb, LargeBatchScaling) and cb.warmup]
+
+
+def _warmup_limit_problems(cfg: DictConfig, built: Built) -> list[str]:
+    """A warm-up must be shorter than trainer.max_epochs (in epochs) or trainer.max_steps (in steps)."""
+    from .large_batch import warmup_limit
+
+    found: list[str] = []
+    max_epochs, max_steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
+    for key, cb in _warmups(built):
+        exceeded = warmup_limit(cb.warmup, cb.unit, max_epochs=max_epochs, max_steps=max_steps)
+        if exceeded is not None:
+            found.append(
+                f"{key}.warmup={cb.warmup:g} {cb.unit}s is not shorter than training "
+                f"(trainer.{exceeded[0]}={exceeded[1]})"
+            )
+    return found
+
+
+def _warmup_steps_problems(cfg: DictConfig, built: Built) -> list[str]:
+    """A warm-up in epochs must be shorter than trainer.max_steps, given the data's size (once it is built)."""
+    found: list[str] = []
+    max_steps, batch = _get(cfg, "trainer.max_steps"), _get(cfg, "global_batch_size")
+    samples = getattr(built.data, "train_samples", None)
+    if not (is_int(max_steps) and max_steps > 0 and is_int(samples) and is_int(batch)):
+        return found
+    for key, cb in _warmups(built):
+        steps = cb.warmup * (samples // batch)
+        if cb.unit == "epoch" and steps >= max_steps:
+            found.append(
+                f"{key}.warmup={cb.warmup:g} epochs (= {steps:g} steps of global_batch_size={batch} over "
+                f"{samples} images) is not shorter than trainer.max_steps={max_steps}; lower the warm-up or "
+                f"use {key}.unit=step"
+            )
+    return found
+
+
+def _lr_owner_problems(built: Built) -> list[str]:
+    """The model must not schedule the LR when a callback owns it (the model's own rule, asked before launch)."""
+    check = getattr(built.model, "check_lr_owner", None)
+    if not callable(check):
+        return []
+    try:
+        check(built.callbacks.values())
+    except InvalidOption as exc:
+        return [exc.under("model")]
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ building
+@dataclass
+class Built:
+    """Every group's object, built (so checked by its constructor) before launch; the app fits with these."""
+
+    model: Any = None
+    strategy: Any = "auto"
+    callbacks: dict[str, Any] = field(default_factory=dict)  # config key under callbacks -> callback
+    loggers: dict[str, Any] = field(default_factory=dict)  # config key under logger -> logger
+    data: Any = None
+
+
+def _reason(exc: BaseException, key: str) -> str | None:
+    """A constructor's complaint as ``<config key>...``, or None when ``exc`` is not about a setting.
+
+    Hydra wraps what a target raises in an ``InstantiationException`` naming the nested node
+    (``full_key: model.backbone``); an :class:`InvalidOption` becomes ``model.backbone.num_classes=0 ...``.
+    """
+    chain, cause = [], exc
+    while cause is not None and cause not in chain:  # as a traceback shows it: causes, then unsuppressed contexts
+        chain.append(cause)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    match = re.search(r"^full_key: (\S+)$", str(exc), re.MULTILINE) if isinstance(exc, InstantiationException) else None
+    where = match.group(1) if match else key
+    for err in chain:
+        if isinstance(err, InvalidOption):
+            return err.under(where)
+        if isinstance(err, ConfigError):  # a resolver (e.g. ${per_device_batch:...}) refused the config
+            return str(err)
+    for err in chain:
+        if isinstance(err, (ValueError, TypeError)) and not isinstance(err, InstantiationException):
+            return f"{where}: {err}"
+    return None
+
+
+def _instantiate(node: Any, key: str, found: list[str]) -> Any:
+    """Build one config node; a bad setting goes to ``found`` (and None is returned)."""
+    try:
+        return hydra.utils.instantiate(node)
+    except Exception as exc:  # noqa: BLE001  (only setting errors are reported; the rest propagate)
+        reason = _reason(exc, key)
+        if reason is None:
+            raise
+        if reason not in found:
+            found.append(reason)
+        return None
+
+
+def _instantiate_dict(node: Any, group: str, found: list[str]) -> dict[str, Any]:
+    """Build every entry of a config dict (``callbacks``, ``logger``); ``null`` entries are dropped."""
+    objects: dict[str, Any] = {}
+    for name, conf in (node or {}).items():
+        if conf is None:
+            continue
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            found.append(f"{group}.{name} must be a config with a _target_ (or null to drop it)")
+            continue
+        built = _instantiate(conf, f"{group}.{name}", found)
+        if built is not None:
+            objects[name] = built
+    return objects
+
+
+def build(cfg: DictConfig) -> Built:
+    """Check ``cfg`` and build every group before any process starts; raise :class:`ConfigError` listing
+    every problem (the cross-group checks and each constructor's complaint, with its config key).
+
+    The data is built last and only when everything else is valid: the demo datamodule writes its shards
+    on first use, which is worth doing only for a run that will start.
+    """
     found = problems(cfg)
+    built = Built(model=_instantiate(cfg.get("model"), "model", found))
+    if cfg.get("strategy"):
+        built.strategy = _instantiate(cfg.strategy, "strategy", found)
+    built.callbacks = _instantiate_dict(cfg.get("callbacks"), "callbacks", found)
+    built.loggers = _instantiate_dict(cfg.get("logger"), "logger", found)
+    found += _lr_owner_problems(built) + _warmup_limit_problems(cfg, built)
+    if not found and cfg.get("data") is not None:
+        built.data = _instantiate(cfg.data, "data", found)
+        found += _warmup_steps_problems(cfg, built)
     if found:
         raise ConfigError("invalid firecaffe-train config:\n  - " + "\n  - ".join(found))
+    return built
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg`` (builds everything, as :func:`build`)."""
+    build(cfg)

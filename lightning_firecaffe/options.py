@@ -8,6 +8,7 @@ check is written twice.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 
@@ -39,3 +40,8 @@ def require_choice(owner: str, option: str, value: Any, allowed: Iterable[str]) 
 def is_int(value: Any) -> bool:
     """An integer that is not a bool (``True`` is an ``int`` in Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,15 +1,16 @@
 """``firecaffe-train``: the Hydra app. Compose the config, check it, build everything, fit, report.
 
     firecaffe-train                                   # the embedded demo: NiN, demo shards, 2 CPU processes
-    firecaffe-train model=googlenet trainer.max_epochs=2 strategy=firecaffe_ring
+    firecaffe-train model=googlenet trainer.max_epochs=2 strategy.algorithm=ring
     firecaffe-train experiment=paper_googlenet_1024 paths.imagenet=/data/imagenet-wds trainer=gpu
     firecaffe-train -m hydra/launcher=submitit_slurm trainer.devices=2    # on SLURM
     python -m lightning_firecaffe.train --cfg job                         # print the composed config
 
 The configs live in ``conf/`` at the repository root and ship inside the package as
 ``lightning_firecaffe/conf`` (a symlink in the source tree, regular files in a wheel). This module only
-composes, validates (:mod:`lightning_firecaffe.app_checks`), instantiates (``hydra.utils.instantiate``) and
-calls ``fit``; all behaviour lives in the objects the configs name.
+composes, validates and instantiates (:func:`lightning_firecaffe.app_checks.build`: every group is built
+before launch, so each constructor checks its own settings) and calls ``fit``; all behaviour lives in the
+objects the configs name.
 """
 
 from __future__ import annotations
@@ -26,25 +27,11 @@ import hydra
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, read_write
 
-from . import app_checks  # noqa: F401  (registers the ${per_device_batch:...} and ${run_id:} resolvers)
+from . import app_checks  # importing it registers the ${per_device_batch:...} and ${run_id:} resolvers
 
 CONFIG_PATH = "conf"  # relative to this file: lightning_firecaffe/conf -> ../conf
 CONFIG_NAME = "config"
 CONFIG_DIR = str(Path(__file__).resolve().parent / CONFIG_PATH)
-
-
-def instantiate_dict(node: DictConfig | None, what: str) -> list:
-    """Instantiate every entry of a config dict (``callbacks``, ``logger``); ``null`` entries are skipped."""
-    objects: list = []
-    if not node:
-        return objects
-    for name, conf in node.items():
-        if conf is None:
-            continue
-        if not isinstance(conf, DictConfig) or "_target_" not in conf:
-            raise app_checks.ConfigError(f"{what}.{name} must be a config with a _target_ (or null to drop it)")
-        objects.append(hydra.utils.instantiate(conf))
-    return objects
 
 
 def _in_multirun() -> bool:
@@ -152,7 +139,7 @@ def _comm_summary(trainer) -> dict[str, Any] | None:
         "algorithm": trainer.strategy.algorithm,
         "steps": t.steps,
         "busy_s": t.busy_s,
-        "exposed_s": t.wait_s,
+        "exposed_s": t.exposed_s,
         "mb_sent": t.bytes_sent / 1e6,
         "mb_received": t.bytes_received / 1e6,
         "buckets": {str(k): v for k, v in sorted(stats.algorithms.items())},
@@ -160,25 +147,22 @@ def _comm_summary(trainer) -> dict[str, Any] | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Validate ``cfg``, build the objects it names, fit (and test when asked); returns the run's summary."""
-    app_checks.validate(cfg)  # before anything is built or launched
-
+    """Validate ``cfg`` by building the objects it names, fit (and test when asked); returns the run's summary."""
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     import lightning_firecaffe  # noqa: F401  (registers strategy names for trainer.strategy strings)
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's weights are drawn
+    built = app_checks.build(cfg)  # every group, each checked by its constructor, before anything is launched
+    model, datamodule = built.model, built.data  # the demo data writes its shards on first use, once
     output_dir = str(cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(cfg.data)  # the demo config builds its shards here, once, if missing
-    model = hydra.utils.instantiate(cfg.model)
-    strategy = hydra.utils.instantiate(cfg.strategy) if cfg.get("strategy") else "auto"
-    callbacks = instantiate_dict(cfg.get("callbacks"), "callbacks")
+    callbacks = list(built.callbacks.values())
     if cfg.get("rank_reports"):
         callbacks.append(RankReport(os.path.join(output_dir, "ranks")))
-    loggers = instantiate_dict(cfg.get("logger"), "logger")
+    loggers = list(built.loggers.values())
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False
+        cfg.trainer, strategy=built.strategy, callbacks=callbacks, logger=loggers or False
     )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "last":

@@ -8,8 +8,10 @@ build every object except by ``Trainer.fit``; the training tests run the console
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_firecaffe import app_checks
-from lightning_firecaffe.train import CONFIG_DIR, instantiate_dict
+from lightning_firecaffe.callbacks import LargeBatchScaling
+from lightning_firecaffe.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -44,20 +47,25 @@ def compose_cfg(tmp_path: Path, *overrides: str):
 
 
 def build_all(cfg, trainer: bool = True) -> dict:
-    """Everything train.py builds, except that nothing is fit."""
-    app_checks.validate(cfg)
+    """Everything train.py builds (through the app's own pre-launch build), except that nothing is fit."""
+    built = app_checks.build(cfg)
     objs = {
-        "model": instantiate(cfg.model),
-        "data": instantiate(cfg.data),
-        "strategy": instantiate(cfg.strategy),
-        "callbacks": instantiate_dict(cfg.callbacks, "callbacks"),
-        "loggers": instantiate_dict(cfg.logger, "logger"),
+        "model": built.model,
+        "data": built.data,
+        "strategy": built.strategy,
+        "callbacks": list(built.callbacks.values()),
+        "loggers": list(built.loggers.values()),
     }
     if trainer and cfg.trainer.accelerator == "cpu":
         objs["trainer"] = instantiate(
             cfg.trainer, strategy=objs["strategy"], callbacks=objs["callbacks"], logger=objs["loggers"] or False
         )
     return objs
+
+
+def large_batch_of(objs: dict) -> LargeBatchScaling:
+    (lb,) = [c for c in objs["callbacks"] if isinstance(c, LargeBatchScaling)]
+    return lb
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -69,76 +77,114 @@ def test_packaged_configs_are_conf(tmp_path):
     for group, wanted in {
         "model": {"googlenet", "nin"},
         "data": {"imagenet", "demo"},
-        "strategy": {"firecaffe", "firecaffe_tree", "firecaffe_ring", "ddp", "parameter_server"},
         "trainer": {"cpu", "gpu"},
-        "callbacks": {"default", "large_batch", "checkpoint", "lr_monitor", "progress_bar"},
+        "callbacks": {"default", "demo", "large_batch", "checkpoint", "lr_monitor", "progress_bar"},
         "logger": {"csv", "tensorboard"},
         "experiment": {"paper_googlenet_1024", "paper_nin", "demo"},
         "hydra/launcher": {"submitit_slurm"},
     }.items():
         assert wanted <= set(options(group)), group
-    import lightning_firecaffe
-
-    expected = {f"firecaffe_{a}" for a in lightning_firecaffe.ALGORITHMS if a != "parameter_server"}
-    assert expected <= set(options("strategy"))
+    # an algorithm is chosen with strategy.algorithm=<name>, not by a yaml per algorithm
+    assert set(options("strategy")) == {"ddp", "firecaffe"}
 
 
 # ------------------------------------------------------------------------------------------------ compose
 def test_default_config_is_the_embedded_demo(tmp_path):
     cfg = compose_cfg(tmp_path)
-    assert cfg.model.backbone._target_.endswith("NiN") and cfg.data._target_.endswith("demo_datamodule")
+    assert cfg.data._target_.endswith("demo_datamodule")
     assert cfg.strategy._target_ == "lightning_firecaffe.FireCaffeStrategy"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
-    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "lr_monitor", "progress_bar"}
-    assert cfg.data.batch_size * cfg.trainer.devices == cfg.global_batch_size
-    # experiment=demo pins the same run
+    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar"}  # no LearningRateMonitor
+    assert cfg.data.batch_size * cfg.trainer.devices == cfg.global_batch_size == 64
+    # the demo's LR: 0.01 at batch 32, the only callback setting the run changes
+    assert cfg.model.lr == 0.01
+    assert {k: v for k, v in cfg.callbacks.large_batch.items() if v is not None} == {
+        "_target_": "lightning_firecaffe.callbacks.LargeBatchScaling", "reference_batch": 32}
+    # experiment=demo is the same run
     demo = compose_cfg(tmp_path, "experiment=demo")
-    for key in ("model", "data", "strategy", "global_batch_size", "callbacks.large_batch"):
-        assert OmegaConf.select(demo, key) == OmegaConf.select(cfg, key), key
+    assert {k: demo[k] for k in demo if k != "hydra"} == {k: cfg[k] for k in cfg if k != "hydra"}
+
+
+def test_default_run_scales_the_lr_linearly_from_batch_32(tmp_path):
+    objs = build_all(compose_cfg(tmp_path), trainer=False)
+    assert type(objs["model"].backbone).__name__ == "NiN"
+    lb = large_batch_of(objs)
+    assert (lb.rule, lb.reference_batch, lb.warmup, lb.decay, lb.power) == ("linear", 32, 0, "poly", 0.5)
+    assert lb.base_lr is None and lb.log_name == "lr"  # the model's lr (0.01) is the base: 0.02 at batch 64
+
+
+def test_command_line_groups_win_over_the_default_experiment(tmp_path):
+    objs = build_all(compose_cfg(tmp_path, "model=googlenet", "callbacks=none"), trainer=False)
+    assert type(objs["model"].backbone).__name__ == "GoogLeNet" and objs["callbacks"] == []
 
 
 @pytest.mark.parametrize(
     "override",
-    [f"model={o}" for o in options("model")]
-    + [f"strategy={o}" for o in options("strategy")]
-    + [f"trainer={o}" for o in options("trainer")]
-    + [f"callbacks={o}" for o in ("default", "none")]
-    + [f"logger={o}" for o in options("logger")]
-    + [f"data={o}" for o in options("data")],
+    [f"{group}={o}" for group in ("model", "strategy", "trainer", "logger", "data") for o in options(group)]
+    + [f"callbacks={o}" for o in ("default", "demo", "none")],
 )
 def test_every_group_option_instantiates(override, tmp_path):
     extra = [f"paths.imagenet={tmp_path}"] if override == "data=imagenet" else []
-    cfg = compose_cfg(tmp_path, override, *extra)
-    objs = build_all(cfg)
+    objs = build_all(compose_cfg(tmp_path, override, *extra))
     assert isinstance(objs["model"], torch.nn.Module)
     from lightning.pytorch.strategies import DDPStrategy
 
     assert isinstance(objs["strategy"], DDPStrategy)
-    if override.startswith("strategy=firecaffe_") or override == "strategy=parameter_server":
-        assert objs["strategy"].algorithm == override.split("=")[1].removeprefix("firecaffe_")
-    if override == "callbacks=none":
-        assert objs["callbacks"] == []
-    if override.startswith("logger="):
-        assert len(objs["loggers"]) == {"none": 0, "many": 2}.get(override.split("=")[1], 1)
     if "trainer" in objs:
         assert objs["trainer"].world_size == 2 and objs["trainer"].strategy is objs["strategy"]
+
+
+@pytest.mark.parametrize("override, loggers", [("logger=none", 0), ("logger=csv", 1), ("logger=many", 2)])
+def test_logger_options_build_their_loggers(override, loggers, tmp_path):
+    assert len(build_all(compose_cfg(tmp_path, override), trainer=False)["loggers"]) == loggers
+
+
+def test_lr_monitor_is_opt_in(tmp_path):
+    cfg = compose_cfg(tmp_path, "callbacks=[demo,lr_monitor]")
+    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "lr_monitor"}
+    assert cfg.callbacks.large_batch.reference_batch == 32
+
+
+def test_the_algorithm_is_an_option_of_strategy_firecaffe(tmp_path):
+    from lightning_firecaffe import FireCaffeStrategy
+
+    objs = build_all(compose_cfg(tmp_path, "strategy=firecaffe", "strategy.algorithm=ring"))
+    assert isinstance(objs["strategy"], FireCaffeStrategy) and objs["strategy"].algorithm == "ring"
+    assert objs["trainer"].strategy is objs["strategy"]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_instantiates(experiment, tmp_path):
     cfg = compose_cfg(tmp_path, f"experiment={experiment}", f"paths.imagenet={tmp_path}")
     objs = build_all(cfg)
-    (lb,) = [c for c in objs["callbacks"] if type(c).__name__ == "LargeBatchScaling"]
-    per_device = cfg.data.batch_size
-    assert per_device * cfg.trainer.devices * cfg.trainer.num_nodes == cfg.global_batch_size
-    if experiment == "paper_googlenet_1024":
-        assert cfg.global_batch_size == 1024 and cfg.trainer.max_epochs == 72
-        assert type(objs["model"].backbone).__name__ == "GoogLeNet" and objs["strategy"].algorithm == "tree"
-        assert (lb.base_lr, lb.reference_batch, lb.rule, lb.decay, lb.power) == (0.08, 1024, "linear", "poly", 0.5)
-        assert (lb.momentum, lb.weight_decay) == (0.9, 2e-4)
-    if experiment == "paper_nin":
-        assert type(objs["model"].backbone).__name__ == "NiN" and objs["data"].num_classes == 1000
-        assert (lb.rule, lb.reference_batch, lb.decay) == ("linear", 256, "step")
+    large_batch_of(objs)
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == cfg.global_batch_size
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_set_no_nulls(experiment):
+    """An experiment sets what its run changes; a preset applies without nulling the base config's keys."""
+    assert not re.search(r"\bnull\b", (CONF / "experiment" / f"{experiment}.yaml").read_text())
+
+
+def test_paper_googlenet_takes_the_preset(tmp_path):
+    cfg = compose_cfg(tmp_path, "experiment=paper_googlenet_1024", f"paths.imagenet={tmp_path}")
+    objs = build_all(cfg, trainer=False)
+    lb = large_batch_of(objs)
+    assert cfg.global_batch_size == 1024 and cfg.trainer.max_epochs == 72
+    assert type(objs["model"].backbone).__name__ == "GoogLeNet" and objs["strategy"].algorithm == "tree"
+    assert (lb.preset, lb.base_lr, lb.reference_batch, lb.rule, lb.decay, lb.power, lb.warmup) == (
+        "firecaffe", 0.08, 1024, "linear", "poly", 0.5, 0)
+    assert (lb.momentum, lb.weight_decay) == (0.9, 2e-4)
+
+
+def test_paper_nin_keeps_its_recipe(tmp_path):
+    cfg = compose_cfg(tmp_path, "experiment=paper_nin", f"paths.imagenet={tmp_path}")
+    objs = build_all(cfg, trainer=False)
+    lb = large_batch_of(objs)
+    assert type(objs["model"].backbone).__name__ == "NiN" and objs["data"].num_classes == 1000
+    assert objs["strategy"].algorithm == "tree" and objs["model"].hparams.lr == 0.01
+    assert (lb.rule, lb.reference_batch, lb.decay, lb.step_size, lb.gamma) == ("linear", 256, "step", 12, 0.1)
 
 
 def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
@@ -151,23 +197,43 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, keys",
+    "overrides, message",
     [
-        (["global_batch_size=100", "trainer.devices=3"], ["global_batch_size=100", "trainer.devices=3"]),
-        (["trainer.devices=auto"], ["trainer.devices='auto'"]),
-        (["strategy.algorithm=butterfly"], ["strategy.algorithm='butterfly'"]),
-        (["callbacks.large_batch.warmup=8"], ["callbacks.large_batch.warmup=8", "trainer.max_epochs=8"]),
-        (["callbacks.large_batch.warmup=1", "trainer.max_steps=5"], ["callbacks.large_batch.warmup=1", "trainer.max_steps=5"]),
-        (["callbacks.large_batch.rule=cubic"], ["callbacks.large_batch.rule='cubic'"]),
-        (["data=imagenet", "paths.imagenet=null"], ["paths.imagenet"]),
+        # spanning groups: app_checks' own checks
+        (["global_batch_size=100", "trainer.devices=3"], "global_batch_size=100 does not divide across trainer.devices=3"),
+        (["trainer.devices=auto"], "trainer.devices='auto' must be a positive integer"),
+        (["callbacks.large_batch.warmup=8"],
+         "callbacks.large_batch.warmup=8 epochs is not shorter than training (trainer.max_epochs=8)"),
+        (["callbacks.large_batch.warmup=1", "trainer.max_steps=5"],
+         "callbacks.large_batch.warmup=1 epochs (= 25 steps of global_batch_size=64 over 1600 images) is not "
+         "shorter than trainer.max_steps=5"),
+        (["data=imagenet", "paths.imagenet=null"], "paths.imagenet is not set"),
+        (["model.lr_policy=poly"], "model.lr_policy='poly' must be 'fixed' while LargeBatchScaling sets the learning rate"),
+        # one group: the constructor's check, reported under its config key
+        (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
+        (["strategy.algorithm=butterfly"], "strategy.algorithm='butterfly' is not one of auto, "),
+        (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
+        (["callbacks.large_batch.reference_batch=0"], "callbacks.large_batch.reference_batch=0 must be an integer >= 1"),
+        (["callbacks.large_batch.preset=alexnet"], "callbacks.large_batch.preset='alexnet' is not one of firecaffe"),
+        (["model.lr=-1"], "model.lr=-1 must be a positive, finite learning rate"),
+        # a constructor that raises a plain ValueError: the message under the group's key
+        (["+callbacks.bad._target_=fractions.Fraction", "+callbacks.bad.numerator=x"],
+         "callbacks.bad: Invalid literal for Fraction: 'x'"),
     ],
 )
-def test_invalid_combinations_name_the_keys(overrides, keys, tmp_path):
-    cfg = compose_cfg(tmp_path, *overrides)
+def test_invalid_settings_are_reported_with_their_config_key(overrides, message, tmp_path):
     with pytest.raises(app_checks.ConfigError) as err:
-        app_checks.validate(cfg)
-    for key in keys:
-        assert key in str(err.value)
+        app_checks.build(compose_cfg(tmp_path, *overrides))
+    assert message in str(err.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cfg = compose_cfg(tmp_path, "strategy.arity=1", "callbacks.large_batch.rule=x", "model.lr=-1")
+    with pytest.raises(app_checks.ConfigError) as err:
+        app_checks.build(cfg)
+    lines = str(err.value).splitlines()[1:]
+    assert [line.split("=")[0].strip(" -") for line in lines] == [
+        "model.lr", "strategy.arity", "callbacks.large_batch.rule"], str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -183,11 +249,22 @@ def summary_of(r: subprocess.CompletedProcess, root: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def lr_columns(header: list[str]) -> list[str]:
+    """Columns that hold a learning rate: ``lr``, ``large_batch/lr``, LearningRateMonitor's ``lr-SGD``, ..."""
+    return [c for c in header if "lr" in re.split(r"[/_.\-]", c)]
+
+
+def test_lr_columns_finds_every_lr_name():
+    header = ["epoch", "step", "lr", "large_batch/lr", "lr-SGD", "lr-SGD/pg1", "train/loss", "val/top1"]
+    assert lr_columns(header) == ["lr", "large_batch/lr", "lr-SGD", "lr-SGD/pg1"]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_console_script_trains_three_steps_on_two_processes(tmp_path):
     assert SCRIPT.exists(), f"{SCRIPT} missing: pip install -e ."
-    r = run_app(tmp_path, "data=demo", "model=nin", "trainer.max_steps=3")  # from outside the repository
+    # from outside the repository; the default run (the demo), logging every step
+    r = run_app(tmp_path, "trainer.max_steps=3", "trainer.log_every_n_steps=1")
     s = summary_of(r, tmp_path / "logs")
     assert s["global_step"] == 3 and s["world_size"] == 2 and s["strategy"] == "FireCaffeStrategy"
     assert 0 <= s["val_top1"] <= 1 and 0 <= s["val_top5"] <= 1
@@ -198,14 +275,21 @@ def test_console_script_trains_three_steps_on_two_processes(tmp_path):
     assert run_dir.parent == tmp_path / "logs" / "train" / "runs"
     assert (run_dir / "train_ddp_process_1.log").exists(), "the second rank did not run in the same run dir"
     assert len(list((tmp_path / "logs" / "train" / "runs").iterdir())) == 1
-    assert (run_dir / "csv" / "metrics.csv").exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    # one owner of the LR, one log: one column, one value per step (0.01 at batch 32 -> 0.02 at 64, poly 0.5)
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert lr_columns(list(rows[0])) == ["lr"]
+    logged = {int(row["step"]): float(row["lr"]) for row in rows if row["lr"]}
+    assert sum(1 for row in rows if row["lr"]) == 3
+    assert logged == pytest.approx({i: 0.02 * (1 - i / 3) ** 0.5 for i in range(3)})
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_overrides_change_the_run(tmp_path):
     r = run_app(
-        tmp_path, "trainer.max_steps=2", "global_batch_size=32", "strategy=firecaffe_ring", "logger=tensorboard",
+        tmp_path, "trainer.max_steps=2", "global_batch_size=32", "strategy.algorithm=ring", "logger=tensorboard",
         "callbacks.large_batch.rule=sqrt", "task_name=overridden", "rank_reports=true", module=True,
     )
     s = summary_of(r, tmp_path / "logs")
@@ -236,10 +320,18 @@ def test_bad_override_gives_hydras_error(override, message, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_invalid_combination_fails_before_any_process_starts(tmp_path):
-    r = run_app(tmp_path, "global_batch_size=100", "trainer.devices=3", timeout=50)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["global_batch_size=100", "trainer.devices=3"], "global_batch_size=100 does not divide across trainer.devices=3"),
+        (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
+        (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
+    ],
+)
+def test_invalid_config_fails_before_any_process_starts(overrides, message, tmp_path):
+    r = run_app(tmp_path, *overrides, timeout=50)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "global_batch_size=100 does not divide across trainer.devices=3" in r.stderr
+    assert message in r.stderr
     assert "Traceback" not in r.stderr and "Initializing distributed" not in r.stderr + r.stdout
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
 from lightning_firecaffe.callbacks import LargeBatchScaling
+from lightning_firecaffe.callbacks.large_batch import DEFAULTS
 from lightning_firecaffe.large_batch import (
     PRESETS,
     LRSchedule,
@@ -24,7 +25,9 @@ from lightning_firecaffe.large_batch import (
     is_lars_exempt,
     scale_factor,
     trust_ratio,
+    warmup_limit,
 )
+from lightning_firecaffe.options import InvalidOption
 
 # ----------------------------------------------------------------------------- pure rules
 
@@ -97,41 +100,68 @@ def test_firecaffe_preset_is_the_paper_recipe():
     assert LargeBatchScaling(preset="firecaffe", rule="sqrt", warmup=2).rule == "sqrt"
 
 
+def test_unset_arguments_take_the_preset_then_the_defaults():
+    """The Hydra config passes every key, null when a run does not change it: nulls must not fight a preset."""
+    unset = {key: None for key in DEFAULTS}
+    plain = LargeBatchScaling(**unset)
+    assert (plain.reference_batch, plain.rule, plain.decay, plain.log_name) == (256, "linear", "poly", "lr")
+    assert {k: getattr(plain, k) for k in DEFAULTS} == DEFAULTS
+    recipe = LargeBatchScaling(preset="firecaffe", **unset)
+    assert (recipe.base_lr, recipe.reference_batch, recipe.decay, recipe.power, recipe.momentum) == (
+        0.08, 1024, "poly", 0.5, 0.9)
+    assert LargeBatchScaling(preset="firecaffe", **{**unset, "reference_batch": 512}).reference_batch == 512
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, option, match",
     [
-        (dict(rule="cubic"), r"rule='cubic'.*linear, sqrt, none"),
-        (dict(decay="exp"), r"decay='exp'.*poly, step, cosine, constant"),
-        (dict(unit="hour"), r"unit='hour'.*epoch, step"),
-        (dict(preset="alexnet"), r"preset='alexnet'.*firecaffe"),
-        (dict(base_lr=-0.1), r"base_lr must be a positive"),
-        (dict(base_lr=0.0), r"base_lr must be a positive"),
-        (dict(warmup=-1), r"warmup must be >= 0"),
-        (dict(decay="step"), r"step_size"),
-        (dict(decay="poly", power=0), r"power must be > 0"),
-        (dict(reference_batch=0), r"reference_batch"),
-        (dict(momentum=1.5), r"momentum"),
-        (dict(lars=True, lars_eta=0), r"lars_eta"),
+        (dict(rule="cubic"), "rule", r"rule='cubic' is not one of linear, sqrt, none"),
+        (dict(decay="exp"), "decay", r"decay='exp' is not one of poly, step, cosine, constant"),
+        (dict(unit="hour"), "unit", r"unit='hour' is not one of epoch, step"),
+        (dict(preset="alexnet"), "preset", r"preset='alexnet' is not one of firecaffe, bvlc_googlenet"),
+        (dict(base_lr=-0.1), "base_lr", r"base_lr=-0.1 must be a positive"),
+        (dict(base_lr=0.0), "base_lr", r"base_lr=0.0 must be a positive"),
+        (dict(base_lr=math.inf), "base_lr", r"base_lr=inf must be a positive, finite"),
+        (dict(warmup=-1), "warmup", r"warmup=-1 must be a number of epochs >= 0"),
+        (dict(warmup="1"), "warmup", r"warmup='1' must be a number"),
+        (dict(decay="step"), "step_size", r"step_size=None must be a number > 0 for decay='step'"),
+        (dict(decay="step", step_size=2, gamma=2), "gamma", r"gamma=2 must be in \(0, 1\]"),
+        (dict(decay="poly", power=0), "power", r"power=0 must be a number > 0"),
+        (dict(reference_batch=0), "reference_batch", r"reference_batch=0 must be an integer >= 1"),
+        (dict(reference_batch=2.5), "reference_batch", r"reference_batch=2.5 must be an integer"),
+        (dict(momentum=1.5), "momentum", r"momentum=1.5 must be in \[0, 1\)"),
+        (dict(weight_decay=-1e-4), "weight_decay", r"weight_decay=-0.0001 must be >= 0"),
+        (dict(lars=True, lars_eta=0), "lars_eta", r"lars_eta=0 must be a number > 0"),
+        (dict(log_name=""), "log_name", r"log_name='' must be a non-empty"),
     ],
 )
-def test_bad_settings_are_refused_at_construction(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_settings_are_refused_at_construction(kwargs, option, match):
+    with pytest.raises(InvalidOption, match=r"^LargeBatchScaling: " + match) as err:
         LargeBatchScaling(**kwargs)
+    assert err.value.option == option and err.value.value == {**DEFAULTS, **kwargs}[option]
+
+
+def test_a_refused_setting_reads_as_a_config_key():
+    with pytest.raises(InvalidOption) as err:
+        LargeBatchScaling(rule="x")
+    assert err.value.under("callbacks.large_batch") == "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"
 
 
 def test_schedule_validation():
     kw = dict(base_lr=0.1, global_batch=512, reference_batch=256)
     with pytest.raises(ValueError, match=r"warm-up of 100 iterations is not shorter than training \(100"):
         LRSchedule(max_iter=100, warmup_iters=100, **kw)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(InvalidOption, match=r"^LRSchedule: base_lr=-1.0 must be a positive"):
         LRSchedule(max_iter=100, **{**kw, "base_lr": -1.0})
-    with pytest.raises(ValueError, match="rule='cubic'"):
+    with pytest.raises(InvalidOption, match=r"^LRSchedule: rule='cubic'"):
         LRSchedule(max_iter=100, rule="cubic", **kw)
-    with pytest.raises(ValueError, match=r"warmup=5 epochs is not shorter than training \(max_epochs=5\)"):
+    with pytest.raises(InvalidOption, match=r"warmup=5 \(epochs\) is not shorter than training \(max_epochs=5\)"):
         check_warmup_fits(5, "epoch", max_epochs=5)
-    with pytest.raises(ValueError, match=r"max_steps=10"):
+    with pytest.raises(InvalidOption, match=r"max_steps=10"):
         check_warmup_fits(10, "step", max_epochs=5, max_steps=10)
     check_warmup_fits(5, "epoch", max_epochs=-1, max_steps=100)  # epoch length unknown yet: checked later
+    assert warmup_limit(8, "epoch", max_epochs=8) == ("max_epochs", 8)
+    assert warmup_limit(2, "step", max_epochs=1, max_steps=3) is None
 
 
 # ----------------------------------------------------------------------------- LARS

@@ -9,27 +9,30 @@ arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wir
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
+from typing_extensions import override
 
 from ..large_batch import (
     DECAYS,
     SCALING_RULES,
-    UNITS,
     LRSchedule,
     apply_lars,
     check_choice,
+    check_decay_params,
     check_lr,
+    check_warmup,
     check_warmup_fits,
     get_preset,
 )
-from ..large_batch.rules import check_decay_params
+from ..options import is_int, is_number, require
 
-# Used where neither the constructor nor a preset says otherwise.
+# The one owner of the defaults: used where neither the constructor nor a preset says otherwise (the
+# Hydra config sets only what a run changes, so a preset applies without nulls).
 DEFAULTS: dict[str, Any] = {
     "base_lr": None,  # None: each param group keeps the LR configure_optimizers gave it
     "reference_batch": 256,  # Goyal et al.'s convention: "LR x for batch 256"
@@ -42,11 +45,33 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 0.1,
     "momentum": None,  # None: leave the optimizer's value
     "weight_decay": None,
+    "lars": False,
+    "lars_eta": 0.001,  # You et al.'s trust coefficient
+    "log_name": "lr",
+    "verbose": True,
 }
+
+
+def resolve_settings(preset: str | None, explicit: dict[str, Any], owner: str = "LargeBatchScaling") -> dict[str, Any]:
+    """The one merge rule: :data:`DEFAULTS`, then the preset's settings, then every explicit non-``None`` value."""
+    settings = dict(DEFAULTS)
+    if preset is not None:
+        settings.update(get_preset(preset, owner).callback_settings())
+    settings.update({k: v for k, v in explicit.items() if v is not None})
+    return settings
+
+
+def lr_owner(callbacks: Iterable[Any]) -> LargeBatchScaling | None:
+    """The callback among ``callbacks`` that sets the learning rate every step, if any: it owns the LR (and
+    logs it), so a model must not schedule the LR itself."""
+    return next((c for c in callbacks if isinstance(c, LargeBatchScaling)), None)
 
 
 class LargeBatchScaling(Callback):
     """Scale, warm up and decay the LR of every param group, per optimizer step, from the global batch.
+
+    Every argument defaults to ``None``: the preset's value when ``preset`` is given, else :data:`DEFAULTS`.
+    A bad argument raises :class:`~lightning_firecaffe.options.InvalidOption` naming it.
 
     Args:
         preset: a named recipe (``firecaffe``, ``bvlc_googlenet``); explicit arguments override it.
@@ -62,7 +87,7 @@ class LargeBatchScaling(Callback):
         lars: apply the LARS trust ratio to gradients before each optimizer step (SGD-style weight decay).
         lars_eta: LARS trust coefficient (You et al.: 0.001).
         log_name: metric name of the logged LR (first param group; ``name-i`` for optimizer ``i`` > 0).
-        verbose: rank 0 prints one summary line when the schedule is resolved.
+        verbose: rank 0 logs one summary line when the schedule is resolved.
     """
 
     def __init__(
@@ -79,41 +104,28 @@ class LargeBatchScaling(Callback):
         gamma: float | None = None,
         momentum: float | None = None,
         weight_decay: float | None = None,
-        lars: bool = False,
-        lars_eta: float = 0.001,
-        log_name: str = "lr",
-        verbose: bool = True,
+        lars: bool | None = None,
+        lars_eta: float | None = None,
+        log_name: str | None = None,
+        verbose: bool | None = None,
     ) -> None:
-        settings = dict(DEFAULTS)
-        if preset is not None:
-            settings.update(get_preset(preset).callback_settings())
         explicit = dict(
             rule=rule, reference_batch=reference_batch, base_lr=base_lr, warmup=warmup, unit=unit, decay=decay,
             power=power, step_size=step_size, gamma=gamma, momentum=momentum, weight_decay=weight_decay,
+            lars=lars, lars_eta=lars_eta, log_name=log_name, verbose=verbose,
         )
-        settings.update({k: v for k, v in explicit.items() if v is not None})
+        settings = _checked(resolve_settings(preset, explicit, type(self).__name__), type(self).__name__)
         self.preset = preset
-        self.rule: str = check_choice("rule", settings["rule"], SCALING_RULES)
-        self.decay: str = check_choice("decay", settings["decay"], DECAYS)
-        self.unit: str = check_choice("unit", settings["unit"], UNITS)
+        self.rule: str = settings["rule"]
+        self.reference_batch: int = settings["reference_batch"]
         self.base_lr: float | None = settings["base_lr"]
-        check_lr("base_lr", self.base_lr)
-        self.reference_batch = int(settings["reference_batch"])
-        if self.reference_batch < 1 or self.reference_batch != settings["reference_batch"]:
-            raise ValueError(f"reference_batch must be an integer >= 1 (got {settings['reference_batch']!r})")
-        self.warmup = float(settings["warmup"])
-        check_warmup_fits(self.warmup, self.unit)
+        self.warmup: float = settings["warmup"]
+        self.unit: str = settings["unit"]
+        self.decay: str = settings["decay"]
         self.power, self.step_size, self.gamma = settings["power"], settings["step_size"], settings["gamma"]
-        check_decay_params(self.decay, self.power, self.step_size, self.gamma)
         self.momentum, self.weight_decay = settings["momentum"], settings["weight_decay"]
-        if self.momentum is not None and not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1) (got {self.momentum!r})")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0 (got {self.weight_decay!r})")
-        if not lars_eta > 0:
-            raise ValueError(f"lars_eta must be > 0 (got {lars_eta!r})")
-        self.lars, self.lars_eta = bool(lars), float(lars_eta)
-        self.log_name, self.verbose = log_name, verbose
+        self.lars, self.lars_eta = settings["lars"], settings["lars_eta"]
+        self.log_name, self.verbose = settings["log_name"], bool(settings["verbose"])
 
         # Resolved at run time and checkpointed.
         self.schedule: LRSchedule | None = None
@@ -129,15 +141,19 @@ class LargeBatchScaling(Callback):
         return self.schedule.global_batch if self.schedule else None
 
     # ----------------------------------------------------------------- hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         # Fail fast on a warm-up that cannot fit, before any data is loaded.
-        check_warmup_fits(self.warmup, self.unit, max_epochs=trainer.max_epochs, max_steps=trainer.max_steps)
+        check_warmup_fits(
+            self.warmup, self.unit, max_epochs=trainer.max_epochs, max_steps=trainer.max_steps, owner=type(self).__name__
+        )
         # A new fit starts from scratch; a checkpoint (restored after this hook) brings the state back.
         self.schedule = self.base_lrs = self.batch_layout = None
         self._checked_batch = False
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         groups = _param_groups(trainer)
         for name, value in (("momentum", self.momentum), ("weight_decay", self.weight_decay)):
@@ -165,6 +181,7 @@ class LargeBatchScaling(Callback):
         if self.schedule is None:
             self._max_iter, self._steps_per_epoch = _training_length(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -187,6 +204,7 @@ class LargeBatchScaling(Callback):
                 )
         self._set_lrs(trainer, trainer.global_step)
 
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.schedule is None:
             return
@@ -196,6 +214,7 @@ class LargeBatchScaling(Callback):
         name = self.log_name if index == 0 else f"{self.log_name}-{index}"
         pl_module.log(name, float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=1)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.schedule is None:
             return {}
@@ -205,6 +224,7 @@ class LargeBatchScaling(Callback):
             "batch_layout": dict(self.batch_layout or {}),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -261,6 +281,33 @@ class LargeBatchScaling(Callback):
     def _set_lrs(self, trainer: pl.Trainer, iteration: int) -> None:
         for group, lr in zip(_param_groups(trainer), self.lr_at(iteration)):
             group["lr"] = lr
+
+
+def _checked(settings: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Raise :class:`~lightning_firecaffe.options.InvalidOption` for the first bad setting; return them."""
+    check_choice("rule", settings["rule"], SCALING_RULES, owner)
+    check_choice("decay", settings["decay"], DECAYS, owner)
+    check_warmup(settings["warmup"], settings["unit"], owner)
+    check_lr("base_lr", settings["base_lr"], owner)
+    ref = settings["reference_batch"]
+    require(is_int(ref) and ref >= 1, owner, "reference_batch", ref, "must be an integer >= 1")
+    check_decay_params(settings["decay"], settings["power"], settings["step_size"], settings["gamma"], owner)
+    _check_optional_range(owner, "momentum", settings["momentum"], lambda m: 0 <= m < 1, "must be in [0, 1)")
+    _check_optional_range(owner, "weight_decay", settings["weight_decay"], lambda w: w >= 0, "must be >= 0")
+    require(isinstance(settings["lars"], bool), owner, "lars", settings["lars"], "must be true or false")
+    eta = settings["lars_eta"]
+    require(is_number(eta) and eta > 0, owner, "lars_eta", eta, "must be a number > 0")
+    name = settings["log_name"]
+    require(isinstance(name, str) and bool(name), owner, "log_name", name, "must be a non-empty metric name")
+    return settings
+
+
+def _check_optional_range(
+    owner: str, option: str, value: Any, within: Callable[[float], bool], requirement: str
+) -> None:
+    """``None`` (leave the optimizer's value) or a number ``within`` the allowed range."""
+    if value is not None:
+        require(is_number(value) and within(value), owner, option, value, requirement)
 
 
 def _param_groups(trainer: pl.Trainer) -> list[dict]:

@@ -8,10 +8,13 @@ from .rules import (
     UNITS,
     LRSchedule,
     check_choice,
+    check_decay_params,
     check_lr,
+    check_warmup,
     check_warmup_fits,
     decay_factor,
     scale_factor,
+    warmup_limit,
 )
 
 __all__ = [
@@ -23,11 +26,14 @@ __all__ = [
     "Preset",
     "apply_lars",
     "check_choice",
+    "check_decay_params",
     "check_lr",
+    "check_warmup",
     "check_warmup_fits",
     "decay_factor",
     "get_preset",
     "is_lars_exempt",
     "scale_factor",
     "trust_ratio",
+    "warmup_limit",
 ]

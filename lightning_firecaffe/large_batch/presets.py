@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..options import require_choice
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -52,7 +54,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset={name!r}; allowed values: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def get_preset(name: str, owner: str = "large_batch") -> Preset:
+    """The recipe called ``name``; :class:`~lightning_firecaffe.options.InvalidOption` names the known ones."""
+    return PRESETS[require_choice(owner, "preset", name, PRESETS)]

@@ -21,16 +21,16 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..options import InvalidOption, is_int, is_number, require, require_choice
+
 SCALING_RULES: tuple[str, ...] = ("linear", "sqrt", "none")
 DECAYS: tuple[str, ...] = ("poly", "step", "cosine", "constant")
 UNITS: tuple[str, ...] = ("epoch", "step")
 
 
-def check_choice(option: str, value: Any, allowed: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``allowed``; otherwise raise naming the option and the choices."""
-    if value not in allowed:
-        raise ValueError(f"unknown {option}={value!r}; allowed values: {', '.join(allowed)}")
-    return value
+def check_choice(option: str, value: Any, allowed: tuple[str, ...], owner: str = "large_batch") -> str:
+    """Return ``value`` if it is one of ``allowed``; otherwise raise :class:`InvalidOption` naming the choices."""
+    return require_choice(owner, option, value, allowed)
 
 
 def scale_factor(rule: str, global_batch: int, reference_batch: int) -> float:
@@ -81,9 +81,10 @@ class LRSchedule:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        check_choice("rule", self.rule, SCALING_RULES)
-        check_choice("decay", self.decay, DECAYS)
-        check_lr("base_lr", self.base_lr)
+        owner = type(self).__name__
+        check_choice("rule", self.rule, SCALING_RULES, owner)
+        check_choice("decay", self.decay, DECAYS, owner)
+        check_lr("base_lr", self.base_lr, owner)
         if self.max_iter < 1:
             raise ValueError(f"training must last at least one iteration (max_iter={self.max_iter})")
         if self.warmup_iters < 0:
@@ -93,7 +94,7 @@ class LRSchedule:
                 f"warm-up of {self.warmup_iters} iterations is not shorter than training ({self.max_iter} "
                 "iterations): lower `warmup` or train longer (max_epochs/max_steps)"
             )
-        check_decay_params(self.decay, self.power, self.step_size, self.gamma)
+        check_decay_params(self.decay, self.power, self.step_size, self.gamma, owner)
         scale_factor(self.rule, self.global_batch, self.reference_batch)  # validates the batch sizes
 
     @property
@@ -126,37 +127,52 @@ class LRSchedule:
         return cls(**state)
 
 
-def check_lr(option: str, value: float | None) -> None:
+def check_lr(option: str, value: float | None, owner: str = "large_batch") -> None:
     """Reject a negative, zero or non-finite learning rate (``None`` means "take it from the optimizer")."""
-    if value is None:
-        return
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{option} must be a positive learning rate (got {value!r})")
+    if value is not None:
+        require(is_number(value) and value > 0, owner, option, value, "must be a positive, finite learning rate")
 
 
-def check_decay_params(decay: str, power: float, step_size: float | None, gamma: float) -> None:
+def check_decay_params(
+    decay: str, power: Any, step_size: Any, gamma: Any, owner: str = "large_batch"
+) -> None:
     """Check the parameters that the chosen decay actually uses."""
-    if decay == "poly" and not power > 0:
-        raise ValueError(f"power must be > 0 for decay='poly' (got {power!r})")
+    if decay == "poly":
+        require(is_number(power) and power > 0, owner, "power", power, "must be a number > 0 for decay='poly'")
     if decay == "step":
-        if step_size is None or not step_size > 0:
-            raise ValueError(f"decay='step' needs step_size > 0 (got {step_size!r})")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1] for decay='step' (got {gamma!r})")
+        require(
+            is_number(step_size) and step_size > 0, owner, "step_size", step_size, "must be a number > 0 for decay='step'"
+        )
+        require(is_number(gamma) and 0 < gamma <= 1, owner, "gamma", gamma, "must be in (0, 1] for decay='step'")
+
+
+def check_warmup(warmup: Any, unit: str, owner: str = "large_batch") -> None:
+    """The warm-up's own checks: a known unit and a length >= 0 (whether it fits in training is separate)."""
+    check_choice("unit", unit, UNITS, owner)
+    require(is_number(warmup) and warmup >= 0, owner, "warmup", warmup, f"must be a number of {unit}s >= 0")
+
+
+def warmup_limit(
+    warmup: float, unit: str, *, max_epochs: int | None = None, max_steps: int | None = None
+) -> tuple[str, int] | None:
+    """The training limit ``(name, value)`` that a warm-up (``warmup`` in ``unit``) is not shorter than, if any.
+
+    ``max_epochs``/``max_steps`` follow the Trainer (``None`` or -1 means unset). Only the limit in the
+    warm-up's own unit can be compared before the epoch length is known; the callback re-checks at run time.
+    """
+    name, limit = ("max_epochs", max_epochs) if unit == "epoch" else ("max_steps", max_steps)
+    if is_int(limit) and limit >= 0 and warmup > 0 and warmup >= limit:
+        return name, limit
+    return None
 
 
 def check_warmup_fits(
-    warmup: float, unit: str, *, max_epochs: int | None = None, max_steps: int | None = None
+    warmup: float, unit: str, *, max_epochs: int | None = None, max_steps: int | None = None,
+    owner: str = "large_batch",
 ) -> None:
-    """Pre-launch check (no data needed): refuse a warm-up that is not shorter than the training budget.
-
-    ``max_epochs``/``max_steps`` follow the Trainer (``None`` or -1 means unset). Only the limit in the
-    warm-up's own unit can be checked before the epoch length is known; the callback re-checks at run time.
-    """
-    check_choice("unit", unit, UNITS)
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0 (got {warmup!r})")
-    limit = max_epochs if unit == "epoch" else max_steps
-    if limit is not None and limit >= 0 and warmup > 0 and warmup >= limit:
-        name = "max_epochs" if unit == "epoch" else "max_steps"
-        raise ValueError(f"warmup={warmup:g} {unit}s is not shorter than training ({name}={limit})")
+    """Pre-launch check (no data needed): refuse a warm-up that is not shorter than the training budget."""
+    check_warmup(warmup, unit, owner)
+    exceeded = warmup_limit(warmup, unit, max_epochs=max_epochs, max_steps=max_steps)
+    if exceeded is not None:
+        name, limit = exceeded
+        raise InvalidOption(owner, "warmup", warmup, f"({unit}s) is not shorter than training ({name}={limit})")
