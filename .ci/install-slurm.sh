@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# CI: install a one-node SLURM with accounting (Debian/Ubuntu packages) for tests/test_slurm.py.
+# CI: install a one-node SLURM with accounting (Debian/Ubuntu packages) for tests/integration/test_slurm.py.
 # Idempotent and tolerant: whatever fails, it says why and exits 0, and the SLURM tests skip with the reason.
-# The daemons are not started here (tests start private ones via lightning_firecaffe.slurm_local).
+# The daemons are not started here (tests start private ones via lightning_firecaffe.testing.slurm).
 set -u
 PKGS="slurm-wlm munge slurmdbd mariadb-server"
 BINS="slurmctld slurmd slurmdbd munged mungekey mariadbd mariadb-install-db sbatch srun sacct"

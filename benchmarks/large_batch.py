@@ -82,7 +82,7 @@ def run(batch: int, rule: str, warmup: float, args, train, test, seed: int) -> t
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    return top1(model, *test), cb.schedule.peak_lr
+    return top1(model, *test), cb.lr_plan.peak_lr
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 It finds the global batch itself (per-device batch x world size x gradient accumulation), scales the
 optimizer's LR from a reference batch, warms up and decays it every optimizer step, optionally applies
-LARS, logs the LR and checkpoints its state so a resumed run continues the schedule exactly. All the
+LARS, logs the LR and checkpoints its state so a resumed run continues the LR plan exactly. All the
 arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wires it into the Trainer.
 """
 
@@ -20,7 +20,7 @@ from typing_extensions import override
 from ..large_batch import (
     DECAYS,
     SCALING_RULES,
-    LRSchedule,
+    LRPlan,
     apply_lars,
     check_choice,
     check_decay_params,
@@ -87,7 +87,7 @@ class LargeBatchScaling(Callback):
         lars: apply the LARS trust ratio to gradients before each optimizer step (SGD-style weight decay).
         lars_eta: LARS trust coefficient (You et al.: 0.001).
         log_name: metric name of the logged LR (first param group; ``name-i`` for optimizer ``i`` > 0).
-        verbose: rank 0 logs one summary line when the schedule is resolved.
+        verbose: rank 0 logs one summary line when the LR plan is resolved.
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class LargeBatchScaling(Callback):
         self.log_name, self.verbose = settings["log_name"], bool(settings["verbose"])
 
         # Resolved at run time and checkpointed.
-        self.schedule: LRSchedule | None = None
+        self.lr_plan: LRPlan | None = None
         self.base_lrs: list[float] | None = None
         self.batch_layout: dict[str, int] | None = None  # per_device, world_size, accumulate
         self._max_iter: int | None = None
@@ -138,7 +138,7 @@ class LargeBatchScaling(Callback):
     # ----------------------------------------------------------------- properties
     @property
     def global_batch(self) -> int | None:
-        return self.schedule.global_batch if self.schedule else None
+        return self.lr_plan.global_batch if self.lr_plan else None
 
     # ----------------------------------------------------------------- hooks
     @override
@@ -150,7 +150,7 @@ class LargeBatchScaling(Callback):
             self.warmup, self.unit, max_epochs=trainer.max_epochs, max_steps=trainer.max_steps, owner=type(self).__name__
         )
         # A new fit starts from scratch; a checkpoint (restored after this hook) brings the state back.
-        self.schedule = self.base_lrs = self.batch_layout = None
+        self.lr_plan = self.base_lrs = self.batch_layout = None
         self._checked_batch = False
 
     @override
@@ -178,7 +178,7 @@ class LargeBatchScaling(Callback):
                 f"LargeBatchScaling: the checkpoint has {len(self.base_lrs)} param groups, the optimizer has "
                 f"{len(groups)}"
             )
-        if self.schedule is None:
+        if self.lr_plan is None:
             self._max_iter, self._steps_per_epoch = _training_length(trainer)
 
     @override
@@ -192,21 +192,21 @@ class LargeBatchScaling(Callback):
                 "world_size": int(trainer.world_size),
                 "accumulate": int(trainer.accumulate_grad_batches),
             }
-            if self.schedule is None:
+            if self.lr_plan is None:
                 self.batch_layout = layout
-                self.schedule = self._build_schedule(math.prod(layout.values()))
+                self.lr_plan = self._build_lr_plan(math.prod(layout.values()))
                 if self.verbose:
                     rank_zero_info(self.describe())
             elif layout != self.batch_layout:
                 rank_zero_warn(
                     f"LargeBatchScaling: resumed with batch layout {layout}, the checkpoint used "
-                    f"{self.batch_layout}; continuing the checkpointed schedule unchanged"
+                    f"{self.batch_layout}; continuing the checkpointed LR plan unchanged"
                 )
         self._set_lrs(trainer, trainer.global_step)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.schedule is None:
+        if self.lr_plan is None:
             return
         if self.lars:
             apply_lars(optimizer.param_groups, eta=self.lars_eta)
@@ -216,10 +216,10 @@ class LargeBatchScaling(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.schedule is None:
+        if self.lr_plan is None:
             return {}
         return {
-            "schedule": self.schedule.to_dict(),
+            "lr_plan": self.lr_plan.to_dict(),
             "base_lrs": list(self.base_lrs or []),
             "batch_layout": dict(self.batch_layout or {}),
         }
@@ -228,7 +228,7 @@ class LargeBatchScaling(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        self.schedule = LRSchedule.from_dict(state_dict["schedule"])
+        self.lr_plan = LRPlan.from_dict(state_dict.get("lr_plan") or state_dict["schedule"])  # "schedule": <= 0.1
         self.base_lrs = [float(x) for x in state_dict["base_lrs"]]
         self.batch_layout = dict(state_dict["batch_layout"])
         self._checked_batch = False
@@ -236,13 +236,13 @@ class LargeBatchScaling(Callback):
     # ----------------------------------------------------------------- helpers
     def lr_at(self, iteration: int) -> list[float]:
         """The LR of every param group (in optimizer order) at an optimizer step."""
-        if self.schedule is None or self.base_lrs is None:
-            raise RuntimeError("LargeBatchScaling: the schedule is resolved at the first training batch")
-        factor = self.schedule.factor_at(iteration)
+        if self.lr_plan is None or self.base_lrs is None:
+            raise RuntimeError("LargeBatchScaling: the LR plan is resolved at the first training batch")
+        factor = self.lr_plan.factor_at(iteration)
         return [b * factor for b in self.base_lrs]
 
     def describe(self) -> str:
-        s, lay = self.schedule, self.batch_layout or {}
+        s, lay = self.lr_plan, self.batch_layout or {}
         assert s is not None
         warm = f"warm-up {s.warmup_iters} iterations" if s.warmup_iters else "no warm-up"
         decay = {"poly": f"poly(power={s.power:g})", "step": f"step(every {s.step_size} it, gamma={s.gamma:g})"}
@@ -253,14 +253,14 @@ class LargeBatchScaling(Callback):
             f"decay {decay.get(s.decay, s.decay)}; {s.max_iter} iterations in total"
         )
 
-    def _build_schedule(self, global_batch: int) -> LRSchedule:
+    def _build_lr_plan(self, global_batch: int) -> LRPlan:
         assert self._max_iter is not None and self.base_lrs
         warmup_iters = self._to_iterations(self.warmup, "warmup") if self.warmup else 0
         step_size = None
         if self.decay == "step":
             step_size = max(1, self._to_iterations(self.step_size, "step_size"))
         try:
-            return LRSchedule(
+            return LRPlan(
                 base_lr=self.base_lrs[0], global_batch=global_batch, reference_batch=self.reference_batch,
                 max_iter=self._max_iter, rule=self.rule, warmup_iters=warmup_iters, decay=self.decay,
                 power=self.power, step_size=step_size, gamma=self.gamma,

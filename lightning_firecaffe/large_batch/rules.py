@@ -3,7 +3,7 @@
 Why pure: the Lightning callback, the tests and any offline plotting compute the same numbers, and a
 resumed run recomputes the exact LR of any step from the iteration count alone.
 
-Shape of the schedule (iterations are optimizer steps, not micro-batches):
+Shape of the LR plan (iterations are optimizer steps, not micro-batches):
 
 * scaling: ``peak = base_lr x factor`` with ``factor = B / B_ref`` (``linear``, Goyal et al. 2017),
   ``sqrt(B / B_ref)`` (``sqrt``, Krizhevsky 2014) or ``1`` (``none``);
@@ -66,8 +66,9 @@ def decay_factor(
 
 
 @dataclass(frozen=True)
-class LRSchedule:
-    """A fully resolved schedule: every quantity in iterations (optimizer steps). Validated on creation."""
+class LRPlan:
+    """A fully resolved LR plan, every quantity in iterations (optimizer steps); validated on creation.
+    ("Schedule" is reserved for all-reduce schedules.)"""
 
     base_lr: float
     global_batch: int
@@ -123,7 +124,7 @@ class LRSchedule:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> "LRSchedule":
+    def from_dict(cls, state: dict[str, Any]) -> "LRPlan":
         return cls(**state)
 
 
