@@ -28,6 +28,7 @@ from .comm.cost_model import LinkModel
 from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .comm.schedules import algorithm_names, on_register
 from .comm.telemetry import CommStats
+from .comm.tuner import AutoTuner
 from .options import is_int, require, require_choice
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,21 @@ class FireCaffeStrategy(DDPStrategy):
             ddp_comm_wrapper, model_averaging_period, process_group_backend, timeout, start_method: as
             for ``DDPStrategy`` (same positions). ``ddp_comm_state``/``ddp_comm_hook`` must stay ``None``:
             this strategy installs its own hook.
-        algorithm: ``"auto"`` (per bucket size, the fastest under the cost model ``link``) or any
-            registered algorithm (``lightning_firecaffe.comm.schedules.algorithm_names()``; FireCaffe's
-            ``"tree"``, ``"ring"``, ...).
+        algorithm: ``"auto"`` or any registered algorithm (``lightning_firecaffe.algorithm_names()``:
+            FireCaffe's ``"tree"``, ``"ring"``, the backend's own ``"native"``, ...). ``auto`` measures:
+            during the first optimizer steps after DDP has rebuilt its buckets it times the candidates
+            (the cost model's best few, plus ``native``) on every real bucket size and keeps the fastest
+            per size (the slowest rank's time counts; all ranks choose alike); the choices are logged,
+            summarised and checkpointed, so a resumed run does not re-tune. With ``link`` given it picks
+            by the cost model alone.
         arity: children per tree node (2 = binary).
         chunk_bytes: piece size streamed by the pipelined algorithms.
         stall_timeout: seconds a rank waits for a silent peer before failing with an error naming it.
-        link: what ``auto`` assumes about the network: a ``LinkModel`` (default: 10 Gbit/s, 30 us), or
-            ``"measure"`` to time it with a ping-pong at start-up (adapts to the real links, but a
-            different measurement may pick a different algorithm, so results are not bitwise
-            reproducible from run to run at more than 2 ranks). Ranks per node come from ``devices``.
+        link: ``None`` (default): ``auto`` measures the candidates; a ``LinkModel`` or ``"measure"`` (a
+            ping-pong at start-up) makes ``auto`` pick by the cost model under that link instead, without
+            tuning. Ranks per node come from ``devices``. (Different choices add in different orders, so
+            at more than 2 ranks results are reproducible to rounding, not bitwise, across runs.)
+        auto_repetitions: timed trials per candidate and bucket size while ``auto`` tunes.
         **kwargs: forwarded to ``DDPStrategy`` and on to torch's ``DistributedDataParallel``
             (``bucket_cap_mb``, ``find_unused_parameters``, ``gradient_as_bucket_view``, ...).
 
@@ -84,6 +90,7 @@ class FireCaffeStrategy(DDPStrategy):
         chunk_bytes: int = 1 << 20,
         stall_timeout: float = 60.0,
         link: Union[LinkModel, str, None] = None,
+        auto_repetitions: int = 2,
         **kwargs: Any,
     ) -> None:
         require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
@@ -102,6 +109,10 @@ class FireCaffeStrategy(DDPStrategy):
             "must be a LinkModel, 'measure' or None",
         )  # fmt: skip
         require_choice(_OWNER, "start_method", start_method, _START_METHODS)
+        require(
+            is_int(auto_repetitions) and auto_repetitions >= 1, _OWNER, "auto_repetitions", auto_repetitions,
+            "must be an integer >= 1",
+        )  # fmt: skip
         for option, value in (("ddp_comm_hook", ddp_comm_hook), ("ddp_comm_state", ddp_comm_state)):
             require(
                 value is None, _OWNER, option, value,
@@ -125,7 +136,10 @@ class FireCaffeStrategy(DDPStrategy):
         self.chunk_bytes = chunk_bytes
         self.stall_timeout = float(stall_timeout)
         self.link = link or LinkModel()
+        self.tunes = algorithm == "auto" and link is None  # measure the candidates on the real buckets
+        self.auto_repetitions = auto_repetitions
         self.measured_link: Optional[LinkModel] = None
+        self.restored_choices: dict[int, str] = {}  # from a checkpoint: bucket bytes -> algorithm
         self.comm_stats = CommStats()
         self._hook_state: Optional[FireCaffeHookState] = None
 
@@ -148,14 +162,21 @@ class FireCaffeStrategy(DDPStrategy):
                 )  # fmt: skip
         else:
             link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
+        selector = ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link)
+        if self.tunes:
+            selector.tuner = AutoTuner.restored(
+                self.restored_choices, world_size=world_size, link=link, fallback=selector.model_choice,
+                arity=self.arity, chunk_bytes=self.chunk_bytes, repetitions=self.auto_repetitions,
+            )  # fmt: skip
         self._hook_state = FireCaffeHookState(
             group=group,
             group_reverse=group_reverse,
             rank=dist.get_rank(group),
             world_size=world_size,
-            selector=ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link),
+            selector=selector,
             stall_timeout=self.stall_timeout,
             inline=backend == "nccl",
+            device=self.root_device if backend == "nccl" else "cpu",
             stats=self.comm_stats,
             current_step=self._current_step,
         )
@@ -167,13 +188,25 @@ class FireCaffeStrategy(DDPStrategy):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         return trainer.global_step if trainer is not None else 0
 
+    def auto_choices(self) -> dict[int, str]:
+        """``auto``'s measured choice per bucket size so far (checkpointed by CommTelemetry)."""
+        state = self._hook_state
+        tuner = state.selector.tuner if state is not None else None
+        return tuner.choices() if tuner is not None else dict(self.restored_choices)
+
     @override
-    def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        # Before the checkpoint is restored (Lightning restores callbacks before strategy.setup), so that
+        # CommTelemetry's state - auto's choices - comes back with it.
         from .callbacks.comm_telemetry import CommTelemetry
 
-        if not any(isinstance(cb, CommTelemetry) for cb in trainer.callbacks):
-            trainer.callbacks.append(CommTelemetry())
+        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        if trainer is not None:
+            telemetry = next((cb for cb in trainer.callbacks if isinstance(cb, CommTelemetry)), None)
+            if telemetry is None:
+                trainer.callbacks.append(telemetry := CommTelemetry())
+            telemetry.strategy = self
 
     @override
     def teardown(self) -> None:

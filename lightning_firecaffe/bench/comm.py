@@ -23,6 +23,7 @@ from ..comm.hook import ScheduleSelector
 from ..comm.cost_model import LinkModel, predict
 from ..comm.executor import ScheduleExecutor
 from ..comm.schedules import algorithm_names
+from ..comm.tuner import AutoTuner
 from ..units import human_bytes
 
 TORCH = "dist.all_reduce"
@@ -54,7 +55,10 @@ def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None =
         buf = torch.empty_like(original)
         for algorithm in spec.algorithms:
             selector = None
-            if algorithm != TORCH:
+            if algorithm == "auto":  # what strategy="firecaffe" does: measure the candidates, keep the fastest
+                choice = _tune(executor, buf, original, world_size, spec, default_link)
+                selector = ScheduleSelector(choice, world_size, spec.arity, spec.chunk_bytes, default_link)
+            elif algorithm != TORCH:
                 selector = ScheduleSelector(algorithm, world_size, spec.arity, spec.chunk_bytes, default_link)
             times = []
             for rep in range(spec.warmup + spec.reps):
@@ -72,9 +76,33 @@ def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None =
                 raise RuntimeError(f"{algorithm} gave a wrong sum at {nbytes} bytes on rank {rank}")
             slowest = torch.tensor(times, dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            chosen = selector.algorithm_for(numel * 4) if selector else "ring"
+            chosen = selector.algorithm_for(numel * 4) if selector else "native"
             records.append(_record(algorithm, chosen, world_size, numel * 4, slowest.tolist(), link, spec, executor))
     return {"world_size": world_size, "link": asdict(link), "results": records}
+
+
+def _tune(executor, buf, original, world_size: int, spec: CommSpec, link: LinkModel) -> str:
+    """Run the strategy's tuner on one buffer size until it has chosen (every rank chooses alike)."""
+    nbytes = buf.numel() * 4
+    model = ScheduleSelector("auto", world_size, spec.arity, spec.chunk_bytes, link)
+    tuner = AutoTuner(world_size, link, model.model_choice, spec.arity, spec.chunk_bytes)
+
+    def slowest(times: list[float]) -> list[float]:
+        t = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    trial = 0
+    while tuner.choices().get(nbytes) is None:
+        name = tuner.algorithm_for(nbytes)
+        buf.copy_(original)
+        dist.barrier()
+        t0 = time.perf_counter()
+        executor.all_reduce_(buf, model.schedule_for(nbytes, name), bucket=trial, step=trial)
+        tuner.record(nbytes, name, time.perf_counter() - t0)
+        tuner.exchange(slowest)
+        trial += 1
+    return tuner.choices()[nbytes]
 
 
 def _record(algorithm, modelled_as, world_size, nbytes, times, link, spec, executor) -> dict[str, Any]:

@@ -15,10 +15,25 @@ class CommTelemetry(Callback):
     sent/received by this rank after every optimizer step; rank 0 prints a summary at the end of fit.
 
     Added automatically by ``FireCaffeStrategy``; loggers (CSV, TensorBoard, ...) record the metrics.
+    When ``auto`` has measured its choice for a bucket size, ``firecaffe/auto_ms/<bytes>`` logs the
+    winner's time once. Its checkpointed state is ``auto``'s choice per bucket size, so that a resumed
+    run uses the same algorithms without re-tuning.
     """
 
     def __init__(self) -> None:
         self._logged_steps = 0
+        self._logged_choices: set[int] = set()
+        self.strategy: Any = None  # set by FireCaffeStrategy
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        choices = self.strategy.auto_choices() if self.strategy is not None else {}
+        return {"auto_choices": {int(k): v for k, v in choices.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.strategy is not None:
+            self.strategy.restored_choices = {int(k): v for k, v in state_dict.get("auto_choices", {}).items()}
 
     @staticmethod
     def _stats(trainer: "pl.Trainer"):
@@ -42,6 +57,11 @@ class CommTelemetry(Callback):
             on_epoch=False,
             sync_dist=False,
         )
+        fresh = {row["bytes"]: row for row in stats.tuning if row["bytes"] not in self._logged_choices}
+        for nbytes, row in fresh.items():
+            self._logged_choices.add(nbytes)
+            if row.get("measured_ms") is not None:
+                pl_module.log(f"firecaffe/auto_ms/{nbytes}", float(row["measured_ms"]), on_step=True, on_epoch=False)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

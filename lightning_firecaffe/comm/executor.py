@@ -1,24 +1,36 @@
 """Run an all-reduce schedule on a torch.distributed process group, with a deadline on every wait.
 
-The executor is the only layer that talks to the network. Its receive buffers are reused across steps:
-one of at most a bucket for whole-bucket rounds and two of at most ``overlap_bytes`` for small rounds
-that overlap. A silent peer becomes a ``PeerStallError`` that names the peer, the bucket and the training
-step instead of a hang until the process group's 30-minute timeout.
+The executor is the only layer that talks to the network. On gloo it runs a schedule as dataflow
+(:mod:`.dataflow`): every send is posted the moment the chunks it carries are final, receives are posted
+ahead, each arrival is added while other messages are still on the wire, and nothing waits for an
+unrelated message. gloo's p2p Works have no futures and ``is_completed()`` stays False until ``wait()``,
+so one daemon thread per (peer, direction) blocks in ``wait()`` (which releases the GIL) on that link's
+Works in posting order and reports completions to the executor's thread. On NCCL it runs lock-step
+rounds of ``batch_isend_irecv`` (:mod:`.lockstep`). Algorithms registered as ``collective`` call the
+backend's own ``all_reduce``.
+
+Scratch memory is bounded and reused across steps: receives that add (or that a send of the same
+round still reads) land in one of three arenas: a bucket-sized one for rounds whose receives exceed
+``overlap_bytes`` (such a round starts only when the previous one has completed) and two of at most
+``overlap_bytes`` that alternate between the other rounds, so at most two rounds' receives are
+outstanding. A silent peer becomes a ``PeerStallError`` that names the peer, the bucket and the
+training step instead of a hang until the process group's 30-minute timeout.
 """
 
 from __future__ import annotations
 
-import time
+import queue
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .schedules import Message, Op, Schedule, chunk_offsets
-
-_TAG_SPACE = 1 << 30
+from .dataflow import DataflowPlan, Event, plan_dataflow
+from .lockstep import LockstepRounds, message_tag
+from .schedules import Op, Schedule, get_algorithm
 
 
 class PeerStallError(RuntimeError):
@@ -37,57 +49,60 @@ class TransferCounters:
     bytes_received: int = 0
 
 
-@dataclass
-class _Pending:
-    """A posted message whose Work has not been waited for yet."""
+class _LinkWaiter:
+    """A daemon thread that waits, in posting order, on the Works of one (peer, direction).
 
-    work: Any
-    description: str
-    peer: int  # -1: a batched round (NCCL), whose peers are listed in the description
+    Messages between two ranks travel in schedule order on both sides, so waiting in posting order
+    never waits behind a message that cannot arrive yet. Completions (or the exception a wait raised:
+    timeout, closed connection) go to the executor's queue.
+    """
 
+    def __init__(self, name: str, completions: queue.SimpleQueue) -> None:
+        self._works: queue.SimpleQueue = queue.SimpleQueue()
+        self._completions = completions
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
 
-def _overlap(a: tuple, b: tuple) -> bool:
-    """True if any element range of ``a`` intersects one of ``b``."""
-    return any(lo < d and c < hi for lo, hi in a for c, d in b)
+    def submit(self, work: Any, token: tuple, timeout_s: float) -> None:
+        self._works.put((work, token, timeout_s))
 
+    def stop(self) -> None:
+        self._works.put(None)
 
-class _PlannedMessage(NamedTuple):
-    """One message of a planned round: element range ``[lo, hi)`` of the buffer, and where it lands."""
-
-    message: Message
-    lo: int
-    hi: int
-    scratch: tuple[int, int] | None  # element span of the round's receive buffer; None: in place
-    description: str  # for error messages, e.g. "receiving from rank 2 chunks [0, 1) of round 3"
-
-
-@dataclass(frozen=True)
-class _RoundPlan:
-    """What one round of this rank does, derived once per (schedule, buffer length, dtype size)."""
-
-    round_index: int  # the schedule's round number
-    entries: tuple[_PlannedMessage, ...]
-    scratch_need: int
-    arena: int  # 0: the bucket-sized receive buffer; 1 or 2: the two small ones, alternating
-    small: bool
-    received: tuple  # element ranges this round writes
-    received_via_scratch: tuple  # ... of which applied from scratch after the round
-    sent: tuple  # element ranges this round sends
-    sent_or_written_in_place: tuple
+    def _loop(self) -> None:
+        while (item := self._works.get()) is not None:
+            work, token, timeout_s = item
+            try:
+                ok = work.wait(timeout=timedelta(seconds=timeout_s))
+                self._completions.put((token, None if ok is not False else TimeoutError("timed out")))
+            except BaseException as exc:  # gloo raises on timeout and on a closed connection
+                self._completions.put((token, exc))
 
 
 @dataclass
-class _Round:
-    """One round in flight: its plan, receive buffer, posted messages and their Works."""
+class _Run:
+    """The state of one dataflow all-reduce: what is posted, arrived, complete."""
 
-    plan: _RoundPlan
-    scratch: Any = None
-    pending: list = field(default_factory=list)
-    posted: set = field(default_factory=set)
+    plan: DataflowPlan
+    buffer: torch.Tensor
+    schedule: Schedule
+    bucket: int
+    call: int
+    missing: list[int]  # per event: dependencies not yet complete
+    complete: list[bool]
+    arrived: list[bool]
+    posted: list[bool]
+    round_left: list[int]  # per round: events not yet complete
+    queues: dict  # (peer, is_send) -> event indices in schedule order
+    heads: dict  # (peer, is_send) -> index into that queue of the next event to post
+    scratch_of: dict = field(default_factory=dict)  # event -> receive buffer view
+    big_rounds: set = field(default_factory=set)  # rounds whose receives use the bucket-sized arena
+    lowest_round: int = 0
+    done: int = 0
 
 
 @dataclass
-class ScheduleExecutor:
+class ScheduleExecutor(LockstepRounds):
     """Executes schedules for one rank of ``group`` (a dedicated group whose ranks equal global ranks).
 
     Messages from a lower to a higher rank travel on ``group``, the other direction on ``group_reverse``:
@@ -95,8 +110,8 @@ class ScheduleExecutor:
     (a tree's reduction going up while the broadcast comes down) moves about half as fast on a
     bandwidth-limited link, measured on the emulated cluster. Two groups give each direction its own.
 
-    ``batched=True`` posts each round with ``batch_isend_irecv`` (needed by NCCL); otherwise plain
-    ``isend``/``irecv`` with tags derived from (bucket, round, chunk), which gloo matches per peer.
+    ``batched=True`` runs lock-step rounds with ``batch_isend_irecv`` (needed by NCCL); otherwise
+    dataflow with ``isend``/``irecv`` and tags derived from (bucket, round, chunk), matched per peer.
     """
 
     rank: int
@@ -106,9 +121,12 @@ class ScheduleExecutor:
     stall_timeout: float = 60.0
     batched: bool = False
     counters: TransferCounters = field(default_factory=TransferCounters)
-    overlap_bytes: int = 4 << 20  # extra scratch allowed for overlapping one round's additions with the next
+    overlap_bytes: int = 4 << 20  # receives of rounds up to this size may overlap the previous round's
     _scratch: dict = field(default_factory=dict, repr=False)
     _plans: dict = field(default_factory=dict, repr=False)
+    _waiters: dict = field(default_factory=dict, repr=False)
+    _completions: Any = field(default_factory=queue.SimpleQueue, repr=False)
+    _calls: int = 0
 
     @property
     def scratch_bytes(self) -> int:
@@ -123,165 +141,205 @@ class ScheduleExecutor:
             self._scratch[key] = buf
         return buf
 
-    def all_reduce_(self, buffer: torch.Tensor, schedule: Schedule, *, bucket: int = 0, step: int = 0) -> torch.Tensor:
-        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``.
+    def close(self) -> None:
+        """Stop the waiter threads (they are daemons: a stuck peer never blocks exit either way)."""
+        for waiter in self._waiters.values():
+            waiter.stop()
+        self._waiters.clear()
 
-        Rounds run in order, software-pipelined where the data allow it: while round r's messages are
-        on the wire, round r-1's received data is added into the buffer (unless round r sends or
-        overwrites it) and round r+1's receives are already posted, so a peer never waits for this
-        rank to wake up before it can send. Only "small" rounds (receive buffers within
-        ``overlap_bytes``) take part; a whole-bucket round runs alone in one bucket-sized buffer.
-        """
+    def all_reduce_(self, buffer: torch.Tensor, schedule: Schedule, *, bucket: int = 0, step: int = 0) -> torch.Tensor:
+        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``."""
         if schedule.world_size != self.world_size:
             raise ValueError(f"schedule is for {schedule.world_size} ranks, group has {self.world_size}")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("all_reduce_ needs a flat contiguous buffer")
-        rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), buffer.element_size())]
-        unapplied: _Round | None = None
-        for i, current in enumerate(rounds):
-            if unapplied is not None and not self._can_overlap(unapplied, current):
-                self._apply(unapplied, buffer)
-                unapplied = None
-            self._post(current, buffer, schedule, bucket, only=None)
-            if unapplied is not None:
-                self._apply(unapplied, buffer)  # while this round's messages travel
-                unapplied = None
-            upcoming = rounds[i + 1] if i + 1 < len(rounds) else None
-            if upcoming is not None and upcoming.plan.small and current.plan.small:
-                self._post(upcoming, buffer, schedule, bucket, only="receives")
-                if not _overlap(current.plan.received, upcoming.plan.sent):  # its data is already final
-                    self._post(upcoming, buffer, schedule, bucket, only="sends")  # keep the links streaming
-            self._wait_all(current.pending, bucket, step)
-            unapplied = current
-        if unapplied is not None:
-            self._apply(unapplied, buffer)
+        if self.world_size == 1 or buffer.numel() == 0:
+            return buffer
+        if get_algorithm(schedule.algorithm).collective:
+            return self._run_collective(buffer, schedule, bucket, step)
+        if self.batched:
+            return self._run_rounds(buffer, schedule, bucket, step)
+        return self._run_dataflow(buffer, schedule, bucket, step)
+
+    # ------------------------------------------------------------------ the backend's own all-reduce
+    def _run_collective(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
+        """``dist.all_reduce`` on the dedicated group, under the stall deadline; the bytes counted are those
+        of the schedule that models it (gloo's ring)."""
+        work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        try:
+            ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
+        except Exception as exc:
+            raise self._peer_error([], "in the backend's all_reduce", bucket, step, exc) from exc
+        if ok is False:
+            raise self._peer_error([], "in the backend's all_reduce", bucket, step, None)
+        plan = self._dataflow_plan(schedule, buffer.numel())
+        nbytes = buffer.element_size()
+        self.counters.bytes_sent += nbytes * sum(e.numel for e in plan.events if e.is_send)
+        self.counters.bytes_received += nbytes * sum(e.numel for e in plan.events if not e.is_send)
         return buffer
 
-    def _plans_for(self, schedule: Schedule, numel: int, itemsize: int) -> list[_RoundPlan]:
-        """This rank's non-empty rounds, planned once per (schedule, buffer length, dtype size)."""
-        key = (id(schedule), numel, itemsize)
+    # ------------------------------------------------------------------ dataflow (gloo)
+    def _dataflow_plan(self, schedule: Schedule, numel: int) -> DataflowPlan:
+        key = ("dataflow", id(schedule), numel)
         cached = self._plans.get(key)
         if cached is None or cached[0] is not schedule:  # ``is``: an id may be reused after collection
-            offsets = chunk_offsets(numel, schedule.num_chunks)
-            plans = []
-            for round_index, messages in enumerate(schedule.messages_of(self.rank)):
-                live = [m for m in messages if offsets[m.hi] > offsets[m.lo]]
-                if live:
-                    plans.append(self._plan(live, offsets, round_index, len(plans), itemsize))
-            cached = self._plans[key] = (schedule, plans)
+            cached = self._plans[key] = (schedule, plan_dataflow(schedule, self.rank, numel))
         return cached[1]
 
-    def _plan(
-        self, live: list[Message], offsets: list[int], round_index: int, position: int, itemsize: int
-    ) -> _RoundPlan:
-        sent = tuple((offsets[m.lo], offsets[m.hi]) for m in live if m.op is Op.SEND)
-        entries, need = [], 0
-        for m in live:
-            lo, hi = offsets[m.lo], offsets[m.hi]
-            verb = "sending to" if m.op is Op.SEND else "receiving from"
-            description = f"{verb} rank {m.peer} chunks [{m.lo}, {m.hi}) of round {round_index}"
-            if m.op is Op.RECV_ADD or (m.op is Op.RECV_COPY and _overlap(((lo, hi),), sent)):
-                entries.append(_PlannedMessage(m, lo, hi, (need, need + hi - lo), description))
-                need += hi - lo
-            else:
-                entries.append(_PlannedMessage(m, lo, hi, None, description))
-        small = need * itemsize <= self.overlap_bytes
-        return _RoundPlan(
-            round_index,
-            tuple(entries),
-            need,
-            arena=(1 + position % 2) if small else 0,
-            small=small,
-            received=tuple((e.lo, e.hi) for e in entries if e.message.op is not Op.SEND),
-            received_via_scratch=tuple((e.lo, e.hi) for e in entries if e.scratch is not None),
-            sent=sent,
-            sent_or_written_in_place=tuple((e.lo, e.hi) for e in entries if e.scratch is None),
-        )
-
-    @staticmethod
-    def _can_overlap(before: _Round, after: _Round) -> bool:
-        """True if ``after`` may start before ``before``'s received data is written into the buffer."""
-        b, a = before.plan, after.plan
-        return b.small and a.small and not _overlap(b.received_via_scratch, a.sent_or_written_in_place)
-
-    def _post(self, rnd: _Round, buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None) -> None:
-        """Post this round's messages not yet posted; ``only`` = "receives" (into scratch) or "sends" posts
-        just those, early, while the previous round is still in flight."""
-        plan = rnd.plan
-        if rnd.scratch is None and plan.scratch_need:
-            rnd.scratch = self._scratch_for(buffer, plan.scratch_need, plan.arena)
-        reverse = self.group if self.group_reverse is None else self.group_reverse
-        ops = []
-        for index, entry in enumerate(plan.entries):
-            m, span = entry.message, entry.scratch
-            if index in rnd.posted:
-                continue
-            if only == "receives" and (m.op is Op.SEND or span is None):
-                continue
-            if only == "sends" and m.op is not Op.SEND:
-                continue
-            rnd.posted.add(index)
-            target = buffer[entry.lo : entry.hi] if span is None else rnd.scratch[span[0] : span[1]]
-            low, high = (self.rank, m.peer) if m.op is Op.SEND else (m.peer, self.rank)
-            group = self.group if low < high else reverse
-            tag = ((bucket % 1024) * (schedule.num_rounds + 1) + plan.round_index) * (schedule.num_chunks + 1) + m.lo
-            tag %= _TAG_SPACE
-            nbytes = target.numel() * target.element_size()
-            if m.op is Op.SEND:
-                self.counters.bytes_sent += nbytes
-            else:
-                self.counters.bytes_received += nbytes
-            if self.batched:
-                ops.append(dist.P2POp(dist.isend if m.op is Op.SEND else dist.irecv, target, m.peer, group, tag))
-            elif m.op is Op.SEND:
-                work = dist.isend(target, dst=m.peer, group=group, tag=tag)
-                rnd.pending.append(_Pending(work, entry.description, m.peer))
-            else:
-                work = dist.irecv(target, src=m.peer, group=group, tag=tag)
-                rnd.pending.append(_Pending(work, entry.description, m.peer))
-        if ops:
-            peers = sorted({e.message.peer for e in plan.entries})
-            description = f"round {plan.round_index} with ranks {peers}"
-            rnd.pending += [_Pending(w, description, -1) for w in dist.batch_isend_irecv(ops)]
-
-    @staticmethod
-    def _apply(rnd: _Round, buffer: torch.Tensor) -> None:
-        for entry in rnd.plan.entries:
-            if entry.scratch is None:
-                continue
-            received = rnd.scratch[entry.scratch[0] : entry.scratch[1]]
-            if entry.message.op is Op.RECV_ADD:
-                buffer[entry.lo : entry.hi].add_(received)
-            else:
-                buffer[entry.lo : entry.hi].copy_(received)
-
-    def _wait_all(self, pending: list[_Pending], bucket: int, step: int) -> None:
-        deadline = time.monotonic() + self.stall_timeout
-        for i, p in enumerate(pending):
-            remaining = max(deadline - time.monotonic(), 0.001)
+    def _run_dataflow(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
+        plan = self._dataflow_plan(schedule, buffer.numel())
+        events = plan.events
+        if not events:
+            return buffer
+        self._calls += 1
+        queues: dict = {}
+        for e in events:
+            queues.setdefault((e.message.peer, e.is_send), []).append(e.index)
+        round_left = [0] * (events[-1].round_index + 1)
+        for e in events:
+            round_left[e.round_index] += 1
+        run = _Run(
+            plan, buffer, schedule, bucket, self._calls,
+            missing=[len(e.after) for e in events], complete=[False] * len(events), arrived=[False] * len(events),
+            posted=[False] * len(events), round_left=round_left, queues=queues, heads=dict.fromkeys(queues, 0),
+        )  # fmt: skip
+        run.lowest_round = events[0].round_index  # rounds without live messages count as done
+        self._assign_scratch(run)
+        self._post_ready(run)
+        while run.done < len(events):
             try:
-                ok = p.work.wait(timeout=timedelta(seconds=remaining))
-            except Exception as exc:  # gloo raises on timeout and on a closed connection
-                raise self._stall_error(pending[i:], p, bucket, step, exc) from exc
-            if ok is False:
-                raise self._stall_error(pending[i:], p, bucket, step, None)
+                (call, index), exc = self._completions.get(timeout=self.stall_timeout + 30)
+            except queue.Empty:
+                raise self._peer_error(self._awaited_peers(run), "waiting for any message", bucket, step, None) from None
+            if call != run.call:
+                continue  # left over from an earlier call that failed
+            event = events[index]
+            if exc is not None:
+                raise self._peer_error(
+                    sorted({event.message.peer, *self._awaited_peers(run)}), event.description, bucket, step, exc
+                ) from exc
+            if event.is_send or not event.scratch:
+                self._finish(run, index)
+            else:
+                run.arrived[index] = True
+                if run.missing[index] == 0:
+                    self._apply_received(run, event)
+                    self._finish(run, index)
+            self._post_ready(run)
+        return buffer
 
-    def _stall_error(self, unfinished, first, bucket, step, exc) -> PeerStallError:
-        silent = sorted({p.peer for p in unfinished if p.peer >= 0 and not _done(p.work)} | {first.peer} - {-1})
-        cause = str(exc).strip().splitlines()[0] if exc is not None else "timed out"
+    def _assign_scratch(self, run: _Run) -> None:
+        """Receive views for this call: a bucket-sized arena for big rounds, two alternating small ones."""
+        need: dict[int, int] = {}
+        for e in run.plan.events:
+            if e.scratch:
+                need[e.round_index] = need.get(e.round_index, 0) + e.numel
+        itemsize, small_rounds = run.buffer.element_size(), 0
+        arena_of: dict[int, tuple[int, int]] = {}
+        for rnd in sorted(need):
+            if need[rnd] * itemsize <= self.overlap_bytes:
+                arena_of[rnd] = (1 + small_rounds % 2, need[rnd])
+                small_rounds += 1
+            else:
+                arena_of[rnd] = (0, need[rnd])
+        sizes: dict[int, int] = {}
+        for arena, numel in arena_of.values():
+            sizes[arena] = max(sizes.get(arena, 0), numel)
+        arenas = {a: self._scratch_for(run.buffer, n, a) for a, n in sizes.items()}
+        used: dict[int, int] = {}
+        for e in run.plan.events:
+            if e.scratch:
+                offset = used.get(e.round_index, 0)
+                run.scratch_of[e.index] = arenas[arena_of[e.round_index][0]][offset : offset + e.numel]
+                used[e.round_index] = offset + e.numel
+        run.big_rounds = {rnd for rnd, (arena, _) in arena_of.items() if arena == 0}
+
+    def _may_post_round(self, run: _Run, round_index: int) -> bool:
+        """Receives of a round may be posted ahead while at most one earlier round is unfinished (so two
+        rounds' receives are outstanding at most), and a big round only once all earlier ones are done."""
+        if round_index in run.big_rounds:
+            return round_index <= run.lowest_round
+        return round_index <= run.lowest_round + 1
+
+    def _post_ready(self, run: _Run) -> None:
+        """Post, per (peer, direction) and in schedule order, every message whose turn has come."""
+        for key, order in run.queues.items():
+            head = run.heads[key]
+            while head < len(order):
+                event = run.plan.events[order[head]]
+                if event.is_send or not event.scratch:
+                    ready = run.missing[event.index] == 0
+                else:
+                    ready = True
+                if not (ready and self._may_post_round(run, event.round_index)):
+                    break
+                self._post(run, event)
+                head += 1
+            run.heads[key] = head
+
+    def _post(self, run: _Run, event: Event) -> None:
+        m = event.message
+        target = run.scratch_of[event.index] if event.scratch else run.buffer[event.lo : event.hi]
+        low, high = (self.rank, m.peer) if event.is_send else (m.peer, self.rank)
+        group = self.group if low < high or self.group_reverse is None else self.group_reverse
+        tag = message_tag(run.bucket, run.schedule, event.round_index, m.lo)
+        nbytes = target.numel() * target.element_size()
+        if event.is_send:
+            self.counters.bytes_sent += nbytes
+            work = dist.isend(target, dst=m.peer, group=group, tag=tag)
+        else:
+            self.counters.bytes_received += nbytes
+            work = dist.irecv(target, src=m.peer, group=group, tag=tag)
+        run.posted[event.index] = True
+        self._waiter(m.peer, event.is_send).submit(work, (run.call, event.index), self.stall_timeout)
+
+    def _waiter(self, peer: int, is_send: bool) -> _LinkWaiter:
+        key = (peer, is_send)
+        if key not in self._waiters:
+            name = f"firecaffe-{'send' if is_send else 'recv'}-{peer}"
+            self._waiters[key] = _LinkWaiter(name, self._completions)
+        return self._waiters[key]
+
+    @staticmethod
+    def _apply_received(run: _Run, event: Event) -> None:
+        received = run.scratch_of[event.index]
+        target = run.buffer[event.lo : event.hi]
+        target.add_(received) if event.message.op is Op.RECV_ADD else target.copy_(received)
+
+    def _finish(self, run: _Run, index: int) -> None:
+        """Mark an event complete and apply every receive that was only waiting for it."""
+        stack = [index]
+        while stack:
+            i = stack.pop()
+            run.complete[i] = True
+            run.done += 1
+            event = run.plan.events[i]
+            run.round_left[event.round_index] -= 1
+            while run.lowest_round < len(run.round_left) and run.round_left[run.lowest_round] == 0:
+                run.lowest_round += 1
+            for d in run.plan.dependents[i]:
+                run.missing[d] -= 1
+                dependent = run.plan.events[d]
+                if run.missing[d] == 0 and dependent.scratch and not dependent.is_send and run.arrived[d]:
+                    self._apply_received(run, dependent)
+                    stack.append(d)
+
+    @staticmethod
+    def _awaited_peers(run: _Run) -> list[int]:
+        events = run.plan.events
+        return sorted({e.message.peer for e in events if run.posted[e.index] and not run.complete[e.index]
+                       and not run.arrived[e.index]})  # fmt: skip
+
+    # ------------------------------------------------------------------ errors
+    def _peer_error(self, peers: list[int], doing: str, bucket: int, step: int, exc: BaseException | None) -> PeerStallError:
+        peers = sorted(set(peers) - {self.rank, -1})
+        cause = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "timed out"
         closed = exc is not None and any(w in str(exc).lower() for w in ("closed", "reset", "broken", "eof"))
         what = "closed its connection (it probably died)" if closed else f"did not answer within {self.stall_timeout:g} s"
-        names = ", ".join(f"rank {r}" for r in silent) or "a peer"
+        names = ", ".join(f"rank {r}" for r in peers) or "a peer"
         return PeerStallError(
-            f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {first.description} "
+            f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {doing} "
             f"of gradient bucket {bucket} at training step {step}. Check that rank's log: it may have crashed, "
             f"been killed, or be stuck outside training. (cause: {cause})",
-            silent,
+            peers,
         )
-
-
-def _done(work: Any) -> bool:
-    try:
-        return bool(work.is_completed())
-    except Exception:
-        return False

@@ -9,45 +9,62 @@ NCCL the ops are enqueued inline (they are asynchronous on the GPU anyway).
 """
 
 
+import logging
 import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .cost_model import LinkModel, best_algorithm
-from .executor import ScheduleExecutor
+from .executor import PeerStallError, ScheduleExecutor
 from .schedules import Schedule, schedule_for_bytes
-from .telemetry import CommStats
+from .telemetry import CommStats, describe_choice
+from .tuner import AutoTuner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScheduleSelector:
-    """Picks the schedule for a bucket size: a fixed algorithm, or ``auto`` via the cost model."""
+    """Picks the algorithm for a bucket size: a pinned one, or ``auto``: measured by ``tuner`` when it has
+    one (the default), else the cost model under ``link``."""
 
     algorithm: str
     world_size: int
     arity: int = 2
     chunk_bytes: int = 1 << 20
     link: LinkModel = field(default_factory=LinkModel)
+    tuner: Optional[AutoTuner] = None
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def algorithm_for(self, nbytes: int) -> str:
-        if self.algorithm != "auto":
-            return self.algorithm
+    def model_choice(self, nbytes: int) -> str:
         if nbytes not in self._cache:
             self._cache[nbytes] = best_algorithm(
                 nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes
             )
         return self._cache[nbytes]
 
-    def schedule_for(self, nbytes: int) -> Schedule:
+    def has_choice(self, nbytes: int) -> bool:
+        """True when ``auto`` has a measured (or restored) choice for this size."""
+        trials = self.tuner.sizes.get(nbytes) if self.tuner is not None else None
+        return trials is not None and trials.choice is not None
+
+    def algorithm_for(self, nbytes: int) -> str:
+        if self.algorithm != "auto":
+            return self.algorithm
+        if self.tuner is not None:
+            return self.tuner.algorithm_for(nbytes)
+        return self.model_choice(nbytes)
+
+    def schedule_for(self, nbytes: int, algorithm: Optional[str] = None) -> Schedule:
         return schedule_for_bytes(
-            self.algorithm_for(nbytes),
+            algorithm or self.algorithm_for(nbytes),
             nbytes,
             self.world_size,
             chunk_bytes=self.chunk_bytes,
@@ -87,6 +104,7 @@ class FireCaffeHookState:
     selector: ScheduleSelector
     stall_timeout: float = 60.0
     inline: bool = False  # True on NCCL: enqueue on the GPU stream from the backward thread
+    device: Any = "cpu"  # where the tuner's exchange tensor lives (the CUDA device on NCCL)
     stats: CommStats = field(default_factory=CommStats)
     current_step: Callable[[], int] = lambda: 0
     _executor: ScheduleExecutor | None = field(default=None, repr=False)
@@ -129,6 +147,8 @@ class FireCaffeHookState:
         if self._pid == os.getpid():
             if self._worker is not None:
                 self._worker.stop()
+            if self._executor is not None:
+                self._executor.close()
             for group in (self.group, self.group_reverse):
                 if group is not None and dist.is_initialized():
                     try:
@@ -140,21 +160,60 @@ class FireCaffeHookState:
         self.group = self.group_reverse = None
 
     def reduce_bucket(self, buffer: torch.Tensor, index: int, is_last: bool, step: int) -> None:
-        """Average ``buffer`` across ranks in place and record what it cost."""
+        """Average ``buffer`` across ranks in place and record what it cost (and, while tuning, the time of
+        the candidate that ran)."""
         executor = self.executor
         nbytes = buffer.numel() * buffer.element_size()
-        schedule = self.selector.schedule_for(nbytes)
-        self.stats.algorithms[nbytes] = schedule.algorithm
+        # DDP rebuilds its buckets after the first step: measure only from the second (restored choices apply)
+        warming_up = self.stats.completed_steps == 0 and not self.selector.has_choice(nbytes)
+        algorithm = self.selector.model_choice(nbytes) if warming_up and self.selector.algorithm == "auto" else (
+            self.selector.algorithm_for(nbytes)
+        )
+        schedule = self.selector.schedule_for(nbytes, algorithm)
+        self.stats.algorithms[nbytes] = algorithm
         sent0, recv0 = executor.counters.bytes_sent, executor.counters.bytes_received
         started = time.perf_counter()
         executor.all_reduce_(buffer, schedule, bucket=index, step=step)
+        elapsed = time.perf_counter() - started
+        tuner = self.selector.tuner if self.selector.algorithm == "auto" and not warming_up else None
+        if tuner is not None:
+            tuner.record(nbytes, algorithm, elapsed)
+            if is_last and tuner.tuning:
+                self._exchange_measurements(tuner, step)
         self.stats.bucket_done(
-            executor.counters.bytes_sent - sent0,
-            executor.counters.bytes_received - recv0,
-            time.perf_counter() - started,
-            is_last,
+            executor.counters.bytes_sent - sent0, executor.counters.bytes_received - recv0, elapsed, is_last
         )
 
+    def _exchange_measurements(self, tuner: AutoTuner, step: int) -> None:
+        """End of a tuning step: every rank's slowest time per candidate, then the same choice everywhere."""
+
+        def slowest(times: list) -> list:
+            mine = torch.tensor([t if t == t else float("inf") for t in times], dtype=torch.float64, device=self.device)
+            work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            try:
+                ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
+            except Exception as exc:
+                raise PeerStallError(
+                    f"FireCaffe auto-tuning on rank {self.rank}: a peer did not join the exchange of measured "
+                    f"times within {self.stall_timeout:g} s at training step {step} (cause: {exc})", [],
+                ) from exc  # fmt: skip
+            if ok is False:
+                raise PeerStallError(f"FireCaffe auto-tuning on rank {self.rank}: exchange timed out", [])
+            return mine.cpu().tolist()
+
+        decided = tuner.exchange(slowest)
+        if decided:
+            self.stats.tuning = tuner.report()
+            fit = tuner.fitted_link()
+            if fit is not None:
+                self.stats.fitted_link = {
+                    "gbit_per_s": fit[0].bandwidth_Bps * 8 / 1e9, "latency_us": fit[0].latency_s * 1e6,
+                    "rms_error": fit[1],
+                }  # fmt: skip
+            if self.rank == 0:
+                for row in self.stats.tuning:
+                    if row["bytes"] in decided:
+                        log.info("FireCaffe auto: %s", describe_choice(row))
 
 def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce.

@@ -46,7 +46,9 @@ class CommStats:
         self._current = StepComm()
         self.history: deque[StepComm] = deque(maxlen=keep)
         self.totals = CommTotals()
-        self.algorithms: dict[int, str] = {}  # bucket bytes -> algorithm used
+        self.algorithms: dict[int, str] = {}  # bucket bytes -> algorithm used last
+        self.tuning: list[dict] = []  # auto's measured choice per bucket size (comm.tuner.AutoTuner.report)
+        self.fitted_link: dict | None = None  # latency and bandwidth fitted to the tuning measurements
 
     def __getstate__(self) -> dict:  # spawn pickles the strategy, and with it these stats
         state = dict(self.__dict__)
@@ -97,9 +99,26 @@ class CommStats:
             return f"FireCaffe ({algorithm}): no gradient all-reduce ran."
         per_step = lambda x: x / t.steps  # noqa: E731
         used = ", ".join(f"{n / 1e6:.2f} MB -> {a}" for n, a in sorted(self.algorithms.items()))
+        tuned = ""
+        if self.tuning:
+            tuned = " auto measured: " + "; ".join(describe_choice(r) for r in self.tuning) + "."
+            if self.fitted_link:
+                f = self.fitted_link
+                tuned += (f" Links fitted to it: {f['gbit_per_s']:.2f} Gbit/s, {f['latency_us']:.0f} us "
+                          f"(rms error {100 * f['rms_error']:.0f} %).")  # fmt: skip
         return (
             f"FireCaffe ({algorithm}): {t.steps} steps, buckets [{used}]; per step this rank sent "
             f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "
             f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.exposed_s):.1f} ms "
-            f"not hidden behind backward."
+            f"not hidden behind backward." + tuned
         )
+
+
+def describe_choice(row: dict) -> str:
+    """One bucket size's outcome, e.g. ``1.05 MB -> native 12.3 ms (runner-up ring 14.0 ms)``."""
+    text = f"{row['bytes'] / 1e6:.2f} MB -> {row['algorithm']}"
+    if row.get("measured_ms") is not None:
+        text += f" {row['measured_ms']:.1f} ms"
+    if row.get("runner_up"):
+        text += f" (runner-up {row['runner_up']} {row['runner_up_ms']:.1f} ms)"
+    return text

@@ -38,7 +38,7 @@ def _compare_with_all_reduce(rank, world_size, chunk_bytes):
     return report, executor.counters.bytes_sent, executor.scratch_bytes
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 3, 4, 5])
 def test_every_algorithm_equals_dist_all_reduce(world_size):
     results = run_ranks(_compare_with_all_reduce, world_size, 1024, timeout=100)
     for rank, (status, value) in results.items():

@@ -1,7 +1,9 @@
-"""The baselines FireCaffe compares against: a parameter server and the bandwidth-optimal ring."""
+"""The baselines FireCaffe compares against: a parameter server, the bandwidth-optimal ring, and the
+backend's own all-reduce (``native``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .core import Schedule, Transfer, build, reversed_as_broadcast
@@ -63,3 +65,16 @@ def parameter_server(world_size: int, num_chunks: int = 1, **_: object) -> Sched
     up = [Transfer(i - 1, i, 0, 0, num_chunks) for i in range(1, world_size)]
     down = reversed_as_broadcast(up, first_round=len(up))
     return build("parameter_server", world_size, num_chunks, up + down)
+
+
+@register_algorithm(
+    "native",
+    chunking=ring_pieces,
+    collective=True,
+    summary="the backend's own `all_reduce` on the strategy's group (gloo: its C++ ring; NCCL: its kernels)",
+    cost="2 (p-1)/p N/B (modelled as the ring)",
+)
+def native(world_size: int, num_chunks: int | None = None, **_: object) -> Schedule:
+    """Not a schedule we execute: the executor calls ``dist.all_reduce``. Modelled (priced, simulated and
+    byte-counted) as the ring, which is what gloo runs."""
+    return dataclasses.replace(ring(world_size, num_chunks), algorithm="native")

@@ -62,6 +62,7 @@ class Algorithm:
     uses_ranks_per_node: bool = False
     auto: bool = True
     eligible: Eligibility = always
+    collective: bool = False  # run as the backend's own all_reduce; the schedule only models it
 
     def num_chunks(self, nbytes: int, world_size: int, chunk_bytes: int) -> int:
         return int(self.chunking(nbytes, world_size, chunk_bytes))
@@ -104,12 +105,14 @@ def register_algorithm(
     uses_ranks_per_node: bool = False,
     auto: bool = True,
     eligible: Eligibility = always,
+    collective: bool = False,
     override: bool = False,
 ) -> Callable[[Callable[..., Schedule]], Callable[..., Schedule]]:
     """Decorator: register a schedule builder ``f(world_size, num_chunks, arity, ranks_per_node)``.
 
     Names are lower-case identifiers (they become strategy names ``firecaffe_<name>``). Registering a
-    taken name raises unless ``override=True``. Listeners (e.g. the strategy-name registration) hear of
+    taken name raises unless ``override=True``. ``collective=True``: the executor calls the backend's own
+    ``all_reduce`` and the schedule only models it (for the cost model and the simulator). Listeners (e.g. the strategy-name registration) hear of
     every algorithm, also of those registered after they subscribed.
     """
     if not (name.isidentifier() and name == name.lower()) or name == "auto":
@@ -118,7 +121,9 @@ def register_algorithm(
     def decorator(build: Callable[..., Schedule]) -> Callable[..., Schedule]:
         if name in _REGISTRY and not override:
             raise ValueError(f"algorithm {name!r} is already registered (pass override=True to replace it)")
-        algorithm = Algorithm(name, build, chunking, summary, cost, uses_arity, uses_ranks_per_node, auto, eligible)
+        algorithm = Algorithm(
+            name, build, chunking, summary, cost, uses_arity, uses_ranks_per_node, auto, eligible, collective
+        )
         _REGISTRY[name] = algorithm
         for listener in list(_LISTENERS):
             listener(algorithm)

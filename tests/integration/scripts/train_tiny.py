@@ -49,6 +49,14 @@ class Facts(Callback):
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
+        strategy = trainer.strategy
+        if hasattr(strategy, "auto_choices"):  # every rank: what auto chose, and whether it measured here
+            tuner = strategy._hook_state.selector.tuner
+            (self.out / f"auto-rank{trainer.global_rank}.json").write_text(json.dumps({
+                "choices": {str(k): v for k, v in strategy.auto_choices().items()},
+                "trials_run": sum(t.next_trial for t in tuner.sizes.values()) if tuner else 0,
+                "summary": strategy.comm_stats.summary(strategy.algorithm),
+            }))  # fmt: skip
         if trainer.global_rank != 0:
             return
         ddp = trainer.strategy.model
@@ -77,6 +85,7 @@ def main(argv=None):
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--bucket-cap-mb", type=float, default=None, help="tiny values give many buckets")
     p.add_argument("--die-at", type=int, default=-1)
+    p.add_argument("--devices", type=int, default=2)
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -93,7 +102,7 @@ def main(argv=None):
             algorithm=args.algorithm,
             stall_timeout=args.stall_timeout,
             find_unused_parameters=args.unused,
-            link=args.link,
+            link=None if args.link in (None, "none") else args.link,
             **ddp_kwargs,
         )
     elif args.strategy == "ddp" and ddp_kwargs:
@@ -107,7 +116,7 @@ def main(argv=None):
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_every, save_top_k=-1))
     trainer = Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
         strategy=strategy,
         max_steps=args.max_steps,
         accumulate_grad_batches=args.accumulate,
