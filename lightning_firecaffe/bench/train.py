@@ -17,9 +17,10 @@ from ..testing.ranks import run_launcher_script
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algorithms", default="auto,auto:measure,tree,pipelined_tree,double_tree,ring",
-                        help=f"firecaffe algorithms to compare with ddp (from auto,{','.join(algorithm_names())}; "
-                             "'auto:measure' = auto with links timed at start-up)")
+    parser.add_argument("--algorithms", default="all",
+                        help=f"firecaffe algorithms to compare with ddp: 'all' (auto and every registered algorithm) "
+                             f"or a list from auto,{','.join(algorithm_names())} ('auto:measure' = auto picking by "
+                             "the cost model under links timed at start-up, without tuning)")
     from ..models import model_names
 
     parser.add_argument("--model", default="nin", help=f"a registered model: {', '.join(model_names())}")
@@ -53,7 +54,8 @@ def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> di
 
 
 def run_train_bench(args: argparse.Namespace) -> int:
-    configs = [("ddp", "-")] + [("firecaffe", a) for a in args.algorithms.split(",") if a]
+    names = ["auto", *algorithm_names()] if args.algorithms == "all" else [a for a in args.algorithms.split(",") if a]
+    configs = [("ddp", "-")] + [("firecaffe", a) for a in names]
     results = []
     for strategy, algorithm in configs:
         if args.hosts_rate:
