@@ -26,7 +26,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="nin", help=f"a registered model: {', '.join(model_names())}")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="per rank")
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed steps first (auto measures its candidates in steps 1-8 by default)")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--hosts-rate", default=None,
                         help="run on an emulated cluster with one rank per host and links shaped to this rate "
@@ -38,7 +40,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _worker_args(args: argparse.Namespace, strategy: str, algorithm: str, out: str) -> list[str]:
     return [
         "--strategy", strategy, "--algorithm", algorithm, "--model", args.model,
-        "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--out", out,
+        "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--out", out,
     ]  # fmt: skip
 
 
