@@ -97,6 +97,7 @@ class _Run:
     heads: dict  # (peer, is_send) -> index into that queue of the next event to post
     scratch_of: dict = field(default_factory=dict)  # event -> receive buffer view
     big_rounds: set = field(default_factory=set)  # rounds whose receives use the bucket-sized arena
+    sending: dict = field(default_factory=dict)  # send event in flight -> (round, bytes)
     lowest_round: int = 0
     done: int = 0
 
@@ -219,6 +220,7 @@ class ScheduleExecutor(LockstepRounds):
                     sorted({event.message.peer, *self._awaited_peers(run)}), event.description, bucket, step, exc
                 ) from exc
             if event.is_send or not event.scratch:
+                run.sending.pop(index, None)
                 self._finish(run, index)
             else:
                 run.arrived[index] = True
@@ -261,6 +263,18 @@ class ScheduleExecutor(LockstepRounds):
             return round_index <= run.lowest_round
         return round_index <= run.lowest_round + 1
 
+    def _may_send(self, run: _Run, event: Event) -> bool:
+        """A send starts while sends of earlier rounds are still in flight only if all of them together stay
+        within ``overlap_bytes``: small pieces stream, but a big message of round r must not share this
+        rank's link with round r-1's (it would delay the earlier message, which is on the critical path)."""
+        if not run.sending:
+            return True
+        oldest = min(r for r, _ in run.sending.values())
+        if oldest >= event.round_index:
+            return True
+        nbytes = event.numel * run.buffer.element_size()
+        return sum(b for _, b in run.sending.values()) + nbytes <= self.overlap_bytes
+
     def _post_ready(self, run: _Run) -> None:
         """Post, per (peer, direction) and in schedule order, every message whose turn has come."""
         for key, order in run.queues.items():
@@ -272,6 +286,8 @@ class ScheduleExecutor(LockstepRounds):
                 else:
                     ready = True
                 if not (ready and self._may_post_round(run, event.round_index)):
+                    break
+                if event.is_send and not self._may_send(run, event):
                     break
                 self._post(run, event)
                 head += 1
@@ -291,6 +307,8 @@ class ScheduleExecutor(LockstepRounds):
             self.counters.bytes_received += nbytes
             work = dist.irecv(target, src=m.peer, group=group, tag=tag)
         run.posted[event.index] = True
+        if event.is_send:
+            run.sending[event.index] = (event.round_index, nbytes)
         self._waiter(m.peer, event.is_send).submit(work, (run.call, event.index), self.stall_timeout)
 
     def _waiter(self, peer: int, is_send: bool) -> _LinkWaiter:

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
-from lightning_firecaffe import app_checks
+from lightning_firecaffe import algorithm_names, app_checks
 from lightning_firecaffe.callbacks import LargeBatchScaling
 from lightning_firecaffe.train import CONFIG_DIR
 
@@ -139,11 +139,12 @@ def test_lr_monitor_is_opt_in(tmp_path):
     assert cfg.callbacks.large_batch.reference_batch == 32
 
 
-def test_the_algorithm_is_an_option_of_strategy_firecaffe(tmp_path):
+@pytest.mark.parametrize("algorithm", ["auto", *algorithm_names()])
+def test_the_algorithm_is_an_option_of_strategy_firecaffe(algorithm, tmp_path):
     from lightning_firecaffe import FireCaffeStrategy
 
-    objs = build_all(compose_cfg(tmp_path, "strategy=firecaffe", "strategy.algorithm=ring"))
-    assert isinstance(objs["strategy"], FireCaffeStrategy) and objs["strategy"].algorithm == "ring"
+    objs = build_all(compose_cfg(tmp_path, "strategy=firecaffe", f"strategy.algorithm={algorithm}"))
+    assert isinstance(objs["strategy"], FireCaffeStrategy) and objs["strategy"].algorithm == algorithm
     assert objs["trainer"].strategy is objs["strategy"]
 
 
