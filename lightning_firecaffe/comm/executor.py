@@ -66,17 +66,24 @@ class _LinkWaiter:
     def submit(self, work: Any, token: tuple, timeout_s: float) -> None:
         self._works.put((work, token, timeout_s))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Finish and join: the thread must hold no Work when its process group is destroyed (a gloo Work
+        released after its group aborts the process at exit: "terminate called without an active
+        exception", seen on the emulated cluster)."""
         self._works.put(None)
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while (item := self._works.get()) is not None:
             work, token, timeout_s = item
+            item = None
             try:
                 ok = work.wait(timeout=timedelta(seconds=timeout_s))
-                self._completions.put((token, None if ok is not False else TimeoutError("timed out")))
+                outcome = None if ok is not False else TimeoutError("timed out")
             except BaseException as exc:  # gloo raises on timeout and on a closed connection
-                self._completions.put((token, exc))
+                outcome = exc
+            work = None  # drop the Work before reporting: the run may end, and the group go, right after
+            self._completions.put((token, outcome))
 
 
 @dataclass
@@ -143,7 +150,8 @@ class ScheduleExecutor(LockstepRounds):
         return buf
 
     def close(self) -> None:
-        """Stop the waiter threads (they are daemons: a stuck peer never blocks exit either way)."""
+        """Stop and join the waiter threads, before the groups are destroyed (they are daemons: a waiter
+        stuck on a dead peer never blocks exit)."""
         for waiter in self._waiters.values():
             waiter.stop()
         self._waiters.clear()
