@@ -148,8 +148,11 @@ class FireCaffeStrategy(DDPStrategy):
         assert isinstance(self.model, DistributedDataParallel)
         backend = self._get_process_group_backend()
         # Collective calls: every rank reaches configure_ddp in the same order, so group creation matches.
-        # Two groups: one TCP connection per direction of each pair (see ScheduleExecutor).
+        # Two groups: one TCP connection per direction of each pair (see ScheduleExecutor); each group's
+        # collectives are issued by one thread only, so their order is the same on every rank.
         group, group_reverse = dist.new_group(backend=backend), dist.new_group(backend=backend)
+        # settled ``native`` buckets launch from the backward thread on a third group (timeout = stall deadline)
+        group_collective = dist.new_group(backend=backend, timeout=timedelta(seconds=self.stall_timeout))
         world_size = dist.get_world_size(group)
         ranks_per_node = max(1, self.num_processes)
         if self.link == "measure":
@@ -171,6 +174,7 @@ class FireCaffeStrategy(DDPStrategy):
         self._hook_state = FireCaffeHookState(
             group=group,
             group_reverse=group_reverse,
+            group_collective=group_collective,
             rank=dist.get_rank(group),
             world_size=world_size,
             selector=selector,

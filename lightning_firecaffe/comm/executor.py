@@ -174,18 +174,24 @@ class ScheduleExecutor(LockstepRounds):
     def _run_collective(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
         """``dist.all_reduce`` on the dedicated group, under the stall deadline; the bytes counted are those
         of the schedule that models it (gloo's ring)."""
-        work = dist.all_reduce(buffer, group=self.group, async_op=True)
+        work = dist.all_reduce(buffer, group=self.group, async_op=True)  # issued by this thread only
         try:
             ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
         except Exception as exc:
             raise self._peer_error([], "in the backend's all_reduce", bucket, step, exc) from exc
         if ok is False:
             raise self._peer_error([], "in the backend's all_reduce", bucket, step, None)
-        plan = self._dataflow_plan(schedule, buffer.numel())
-        nbytes = buffer.element_size()
-        self.counters.bytes_sent += nbytes * sum(e.numel for e in plan.events if e.is_send)
-        self.counters.bytes_received += nbytes * sum(e.numel for e in plan.events if not e.is_send)
+        self.modelled_bytes(schedule, buffer)
         return buffer
+
+    def modelled_bytes(self, schedule: Schedule, buffer: torch.Tensor) -> tuple[int, int]:
+        """Count (and return) the bytes the schedule that models a collective sends and receives here."""
+        plan = self._dataflow_plan(schedule, buffer.numel())
+        sent = buffer.element_size() * sum(e.numel for e in plan.events if e.is_send)
+        received = buffer.element_size() * sum(e.numel for e in plan.events if not e.is_send)
+        self.counters.bytes_sent += sent
+        self.counters.bytes_received += received
+        return sent, received
 
     # ------------------------------------------------------------------ dataflow (gloo)
     def _dataflow_plan(self, schedule: Schedule, numel: int) -> DataflowPlan:

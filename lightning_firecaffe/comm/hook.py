@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .cost_model import LinkModel, best_algorithm
 from .executor import PeerStallError, ScheduleExecutor
-from .schedules import Schedule, schedule_for_bytes
+from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner
 
@@ -49,6 +49,18 @@ class ScheduleSelector:
                 nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes
             )
         return self._cache[nbytes]
+
+    def runs_collective_inline(self, nbytes: int) -> Optional[str]:
+        """The collective (backend all-reduce) algorithm this bucket size is settled on, if any: pinned, or
+        chosen by ``auto``. Such buckets are launched straight from the hook, as DDP's own allreduce_hook
+        does, so the backend overlaps them itself."""
+        if self.algorithm != "auto":
+            name = self.algorithm
+        elif self.has_choice(nbytes):
+            name = self.tuner.sizes[nbytes].choice
+        else:
+            return None
+        return name if get_algorithm(name).collective else None
 
     def has_choice(self, nbytes: int) -> bool:
         """True when ``auto`` has a measured (or restored) choice for this size."""
@@ -103,6 +115,7 @@ class FireCaffeHookState:
     world_size: int
     selector: ScheduleSelector
     stall_timeout: float = 60.0
+    group_collective: Any = None  # settled ``native`` buckets, issued by the backward thread only; timeout = stall
     inline: bool = False  # True on NCCL: enqueue on the GPU stream from the backward thread
     device: Any = "cpu"  # where the tuner's exchange tensor lives (the CUDA device on NCCL)
     stats: CommStats = field(default_factory=CommStats)
@@ -113,7 +126,7 @@ class FireCaffeHookState:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_executor=None, _worker=None, _pid=None, group=None, group_reverse=None)
+        state.update(_executor=None, _worker=None, _pid=None, group=None, group_reverse=None, group_collective=None)
         return state
 
     @property
@@ -149,7 +162,7 @@ class FireCaffeHookState:
                 self._worker.stop()
             if self._executor is not None:
                 self._executor.close()
-            for group in (self.group, self.group_reverse):
+            for group in (self.group, self.group_reverse, self.group_collective):
                 if group is not None and dist.is_initialized():
                     try:
                         dist.destroy_process_group(group)
@@ -157,7 +170,7 @@ class FireCaffeHookState:
                         pass
         self._worker = None
         self._executor = None
-        self.group = self.group_reverse = None
+        self.group = self.group_reverse = self.group_collective = None
 
     def reduce_bucket(self, buffer: torch.Tensor, index: int, is_last: bool, step: int) -> None:
         """Average ``buffer`` across ranks in place and record what it cost (and, while tuning, the time of
@@ -189,7 +202,8 @@ class FireCaffeHookState:
 
         def slowest(times: list) -> list:
             mine = torch.tensor([t if t == t else float("inf") for t in times], dtype=torch.float64, device=self.device)
-            work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            # on the reverse group: it carries no other collective, so no ordering across threads matters
+            work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group_reverse, async_op=True)
             try:
                 ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
             except Exception as exc:
@@ -241,8 +255,37 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
         else:
             future.set_result(buffer)
 
+    nbytes = buffer.numel() * buffer.element_size()
+    collective = None if state.inline else state.selector.runs_collective_inline(nbytes)
+    if collective is not None:
+        return _launch_collective(state, buffer, collective, index, is_last, step)
     if state.inline:
         job()
     else:
         state.worker.submit(job)
     return future
+
+
+def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorithm: str, index: int, is_last: bool,
+                       step: int) -> torch.futures.Future[torch.Tensor]:
+    """The backend's all-reduce, launched now from the backward thread like DDP's own hook; its group's
+    timeout is the stall timeout, and a failure reads as a PeerStallError."""
+    nbytes = buffer.numel() * buffer.element_size()
+    state.stats.algorithms[nbytes] = algorithm
+    sent, received = state.executor.modelled_bytes(state.selector.schedule_for(nbytes, algorithm), buffer)
+    started = time.perf_counter()
+    work = dist.all_reduce(buffer, group=state.group_collective, async_op=True)
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        try:
+            fut.value()
+        except Exception as exc:
+            raise PeerStallError(
+                f"FireCaffe all-reduce on rank {state.rank}: the backend's all_reduce of gradient bucket {index} "
+                f"at training step {step} did not finish within {state.stall_timeout:g} s: a peer is stuck, dead "
+                f"or unreachable (cause: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})", [],
+            ) from exc  # fmt: skip
+        state.stats.bucket_done(sent, received, time.perf_counter() - started, is_last)
+        return buffer
+
+    return work.get_future().then(finish)
