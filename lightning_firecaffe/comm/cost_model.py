@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -112,17 +112,10 @@ def rank_algorithms(
     return sorted(priced, key=lambda item: item[1])
 
 
-def best_algorithm(
-    nbytes: int,
-    world_size: int,
-    link: LinkModel,
-    *,
-    arity: int = 2,
-    chunk_bytes: int = 1 << 20,
-    candidates: Iterable[str] | None = None,
-) -> str:
-    """The candidate with the lowest predicted time (ties go to the earlier candidate)."""
-    ranking = rank_algorithms(nbytes, world_size, link, arity=arity, chunk_bytes=chunk_bytes, candidates=candidates)
+def best_algorithm(nbytes: int, world_size: int, link: LinkModel, **options: Any) -> str:
+    """The candidate with the lowest predicted time (ties go to the earlier candidate); ``options`` are
+    :func:`rank_algorithms`'s."""
+    ranking = rank_algorithms(nbytes, world_size, link, **options)
     if not ranking:
         raise ValueError(f"no all-reduce algorithm is eligible for {world_size} ranks")
     return ranking[0][0]

@@ -23,7 +23,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -86,24 +86,33 @@ class _LinkWaiter:
             self._completions.put((token, outcome))
 
 
+class _Layout(NamedTuple):
+    """What a dataflow call needs beyond the plan, derived once per (schedule, buffer length, dtype size)."""
+
+    plan: DataflowPlan
+    links: tuple  # ((peer, is_send), event indices in schedule order) per link direction
+    events_per_round: tuple[int, ...]
+    scratch_spans: dict  # receive event -> (arena, lo, hi) of its scratch
+    arena_sizes: dict  # arena -> elements
+    big_rounds: frozenset  # rounds whose receives use the bucket-sized arena 0
+
+
 @dataclass
 class _Run:
     """The state of one dataflow all-reduce: what is posted, arrived, complete."""
 
-    plan: DataflowPlan
+    layout: _Layout
     buffer: torch.Tensor
     schedule: Schedule
     bucket: int
     call: int
+    arenas: dict  # arena -> this call's reusable receive buffer
     missing: list[int]  # per event: dependencies not yet complete
     complete: list[bool]
     arrived: list[bool]
     posted: list[bool]
     round_left: list[int]  # per round: events not yet complete
-    queues: dict  # (peer, is_send) -> event indices in schedule order
-    heads: dict  # (peer, is_send) -> index into that queue of the next event to post
-    scratch_of: dict = field(default_factory=dict)  # event -> receive buffer view
-    big_rounds: set = field(default_factory=set)  # rounds whose receives use the bucket-sized arena
+    heads: list[int]  # per link direction: position of the next event to post
     sending: dict = field(default_factory=dict)  # send event in flight -> (round, bytes)
     lowest_round: int = 0
     done: int = 0
@@ -201,27 +210,59 @@ class ScheduleExecutor(LockstepRounds):
             cached = self._plans[key] = (schedule, plan_dataflow(schedule, self.rank, numel))
         return cached[1]
 
+    def _layout(self, schedule: Schedule, numel: int, itemsize: int) -> _Layout:
+        """The plan, its per-link posting order, round sizes and scratch placement (cached): a bucket-sized
+        arena 0 for rounds whose receives exceed ``overlap_bytes``, arenas 1 and 2 alternating between the
+        others."""
+        key = ("layout", id(schedule), numel, itemsize)
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] is schedule:
+            return cached[1]
+        plan = self._dataflow_plan(schedule, numel)
+        links: dict = {}
+        events_per_round = [0] * (plan.events[-1].round_index + 1 if plan.events else 0)
+        need: dict[int, int] = {}
+        for e in plan.events:
+            links.setdefault((e.message.peer, e.is_send), []).append(e.index)
+            events_per_round[e.round_index] += 1
+            if e.scratch:
+                need[e.round_index] = need.get(e.round_index, 0) + e.numel
+        arena_of, small_rounds = {}, 0
+        for rnd in sorted(need):
+            small = need[rnd] * itemsize <= self.overlap_bytes
+            arena_of[rnd] = 1 + small_rounds % 2 if small else 0
+            small_rounds += small
+        arena_sizes: dict[int, int] = {}
+        for rnd, arena in arena_of.items():
+            arena_sizes[arena] = max(arena_sizes.get(arena, 0), need[rnd])
+        spans, used = {}, dict.fromkeys(need, 0)
+        for e in plan.events:
+            if e.scratch:
+                lo = used[e.round_index]
+                spans[e.index] = (arena_of[e.round_index], lo, lo + e.numel)
+                used[e.round_index] = lo + e.numel
+        big = frozenset(rnd for rnd, arena in arena_of.items() if arena == 0)
+        links_in_order = tuple((k, tuple(v)) for k, v in links.items())
+        layout = _Layout(plan, links_in_order, tuple(events_per_round), spans, arena_sizes, big)
+        self._plans[key] = (schedule, layout)
+        return layout
+
     def _run_dataflow(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
-        plan = self._dataflow_plan(schedule, buffer.numel())
-        events = plan.events
+        layout = self._layout(schedule, buffer.numel(), buffer.element_size())
+        events = layout.plan.events
         if not events:
             return buffer
         self._calls += 1
-        queues: dict = {}
-        for e in events:
-            queues.setdefault((e.message.peer, e.is_send), []).append(e.index)
-        round_left = [0] * (events[-1].round_index + 1)
-        for e in events:
-            round_left[e.round_index] += 1
+        n = len(events)
         run = _Run(
-            plan, buffer, schedule, bucket, self._calls,
-            missing=[len(e.after) for e in events], complete=[False] * len(events), arrived=[False] * len(events),
-            posted=[False] * len(events), round_left=round_left, queues=queues, heads=dict.fromkeys(queues, 0),
+            layout, buffer, schedule, bucket, self._calls,
+            arenas={a: self._scratch_for(buffer, size, a) for a, size in layout.arena_sizes.items()},
+            missing=[len(e.after) for e in events], complete=[False] * n, arrived=[False] * n, posted=[False] * n,
+            round_left=list(layout.events_per_round), heads=[0] * len(layout.links),
         )  # fmt: skip
         run.lowest_round = events[0].round_index  # rounds without live messages count as done
-        self._assign_scratch(run)
         self._post_ready(run)
-        while run.done < len(events):
+        while run.done < n:
             try:
                 (call, index), exc = self._completions.get(timeout=self.stall_timeout + 30)
             except queue.Empty:
@@ -244,36 +285,15 @@ class ScheduleExecutor(LockstepRounds):
             self._post_ready(run)
         return buffer
 
-    def _assign_scratch(self, run: _Run) -> None:
-        """Receive views for this call: a bucket-sized arena for big rounds, two alternating small ones."""
-        need: dict[int, int] = {}
-        for e in run.plan.events:
-            if e.scratch:
-                need[e.round_index] = need.get(e.round_index, 0) + e.numel
-        itemsize, small_rounds = run.buffer.element_size(), 0
-        arena_of: dict[int, tuple[int, int]] = {}
-        for rnd in sorted(need):
-            if need[rnd] * itemsize <= self.overlap_bytes:
-                arena_of[rnd] = (1 + small_rounds % 2, need[rnd])
-                small_rounds += 1
-            else:
-                arena_of[rnd] = (0, need[rnd])
-        sizes: dict[int, int] = {}
-        for arena, numel in arena_of.values():
-            sizes[arena] = max(sizes.get(arena, 0), numel)
-        arenas = {a: self._scratch_for(run.buffer, n, a) for a, n in sizes.items()}
-        used: dict[int, int] = {}
-        for e in run.plan.events:
-            if e.scratch:
-                offset = used.get(e.round_index, 0)
-                run.scratch_of[e.index] = arenas[arena_of[e.round_index][0]][offset : offset + e.numel]
-                used[e.round_index] = offset + e.numel
-        run.big_rounds = {rnd for rnd, (arena, _) in arena_of.items() if arena == 0}
+    @staticmethod
+    def _scratch_view(run: _Run, index: int) -> torch.Tensor:
+        arena, lo, hi = run.layout.scratch_spans[index]
+        return run.arenas[arena][lo:hi]
 
     def _may_post_round(self, run: _Run, round_index: int) -> bool:
         """Receives of a round may be posted ahead while at most one earlier round is unfinished (so two
         rounds' receives are outstanding at most), and a big round only once all earlier ones are done."""
-        if round_index in run.big_rounds:
+        if round_index in run.layout.big_rounds:
             return round_index <= run.lowest_round
         return round_index <= run.lowest_round + 1
 
@@ -291,10 +311,11 @@ class ScheduleExecutor(LockstepRounds):
 
     def _post_ready(self, run: _Run) -> None:
         """Post, per (peer, direction) and in schedule order, every message whose turn has come."""
-        for key, order in run.queues.items():
-            head = run.heads[key]
+        events = run.layout.plan.events
+        for link, (_, order) in enumerate(run.layout.links):
+            head = run.heads[link]
             while head < len(order):
-                event = run.plan.events[order[head]]
+                event = events[order[head]]
                 if event.is_send or not event.scratch:
                     ready = run.missing[event.index] == 0
                 else:
@@ -305,11 +326,11 @@ class ScheduleExecutor(LockstepRounds):
                     break
                 self._post(run, event)
                 head += 1
-            run.heads[key] = head
+            run.heads[link] = head
 
     def _post(self, run: _Run, event: Event) -> None:
         m = event.message
-        target = run.scratch_of[event.index] if event.scratch else run.buffer[event.lo : event.hi]
+        target = self._scratch_view(run, event.index) if event.scratch else run.buffer[event.lo : event.hi]
         low, high = (self.rank, m.peer) if event.is_send else (m.peer, self.rank)
         group = self.group if low < high or self.group_reverse is None else self.group_reverse
         tag = message_tag(run.bucket, run.schedule, event.round_index, m.lo)
@@ -332,9 +353,9 @@ class ScheduleExecutor(LockstepRounds):
             self._waiters[key] = _LinkWaiter(name, self._completions)
         return self._waiters[key]
 
-    @staticmethod
-    def _apply_received(run: _Run, event: Event) -> None:
-        received = run.scratch_of[event.index]
+    @classmethod
+    def _apply_received(cls, run: _Run, event: Event) -> None:
+        received = cls._scratch_view(run, event.index)
         target = run.buffer[event.lo : event.hi]
         target.add_(received) if event.message.op is Op.RECV_ADD else target.copy_(received)
 
@@ -345,20 +366,20 @@ class ScheduleExecutor(LockstepRounds):
             i = stack.pop()
             run.complete[i] = True
             run.done += 1
-            event = run.plan.events[i]
+            event = run.layout.plan.events[i]
             run.round_left[event.round_index] -= 1
             while run.lowest_round < len(run.round_left) and run.round_left[run.lowest_round] == 0:
                 run.lowest_round += 1
-            for d in run.plan.dependents[i]:
+            for d in run.layout.plan.dependents[i]:
                 run.missing[d] -= 1
-                dependent = run.plan.events[d]
+                dependent = run.layout.plan.events[d]
                 if run.missing[d] == 0 and dependent.scratch and not dependent.is_send and run.arrived[d]:
                     self._apply_received(run, dependent)
                     stack.append(d)
 
     @staticmethod
     def _awaited_peers(run: _Run) -> list[int]:
-        events = run.plan.events
+        events = run.layout.plan.events
         return sorted({e.message.peer for e in events if run.posted[e.index] and not run.complete[e.index]
                        and not run.arrived[e.index]})  # fmt: skip
 

@@ -54,23 +54,19 @@ class ScheduleSelector:
         """The collective (backend all-reduce) algorithm this bucket size is settled on, if any: pinned, or
         chosen by ``auto``. Such buckets are launched straight from the hook, as DDP's own allreduce_hook
         does, so the backend overlaps them itself."""
-        if self.algorithm != "auto":
-            name = self.algorithm
-        elif self.has_choice(nbytes):
-            name = self.tuner.sizes[nbytes].choice
-        else:
-            return None
-        return name if get_algorithm(name).collective else None
+        name = self.algorithm if self.algorithm != "auto" else self.settled(nbytes)
+        return name if name is not None and get_algorithm(name).collective else None
 
-    def has_choice(self, nbytes: int) -> bool:
-        """True when ``auto`` has a measured (or restored) choice for this size."""
-        trials = self.tuner.sizes.get(nbytes) if self.tuner is not None else None
-        return trials is not None and trials.choice is not None
+    def settled(self, nbytes: int) -> Optional[str]:
+        """``auto``'s measured (or restored) choice for this size, if there is one yet."""
+        return self.tuner.choice(nbytes) if self.tuner is not None else None
 
-    def algorithm_for(self, nbytes: int) -> str:
+    def algorithm_for(self, nbytes: int, measuring: bool = True) -> str:
+        """``measuring=False`` (DDP's first step, before it rebuilds its buckets): ``auto`` runs a settled
+        choice or the cost model's, and starts no trial."""
         if self.algorithm != "auto":
             return self.algorithm
-        if self.tuner is not None:
+        if self.tuner is not None and (measuring or self.settled(nbytes) is not None):
             return self.tuner.algorithm_for(nbytes)
         return self.model_choice(nbytes)
 
@@ -177,18 +173,15 @@ class FireCaffeHookState:
         the candidate that ran)."""
         executor = self.executor
         nbytes = buffer.numel() * buffer.element_size()
-        # DDP rebuilds its buckets after the first step: measure only from the second (restored choices apply)
-        warming_up = self.stats.completed_steps == 0 and not self.selector.has_choice(nbytes)
-        algorithm = self.selector.model_choice(nbytes) if warming_up and self.selector.algorithm == "auto" else (
-            self.selector.algorithm_for(nbytes)
-        )
+        measuring = self.stats.completed_steps > 0  # DDP rebuilds its buckets after the first step
+        algorithm = self.selector.algorithm_for(nbytes, measuring)
         schedule = self.selector.schedule_for(nbytes, algorithm)
         self.stats.algorithms[nbytes] = algorithm
         sent0, recv0 = executor.counters.bytes_sent, executor.counters.bytes_received
         started = time.perf_counter()
         executor.all_reduce_(buffer, schedule, bucket=index, step=step)
         elapsed = time.perf_counter() - started
-        tuner = self.selector.tuner if self.selector.algorithm == "auto" and not warming_up else None
+        tuner = self.selector.tuner if measuring else None  # only ``auto`` has a tuner
         if tuner is not None:
             tuner.record(nbytes, algorithm, elapsed)
             if is_last and tuner.tuning:
@@ -228,6 +221,7 @@ class FireCaffeHookState:
                 for row in self.stats.tuning:
                     if row["bytes"] in decided:
                         log.info("FireCaffe auto: %s", describe_choice(row))
+
 
 def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .cost_model import LinkModel, rank_algorithms, schedule_time
-from .schedules import algorithms, schedule_for_bytes
+from .schedules import get_algorithm, schedule_for_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ class AutoTuner:
     keep_within: float = 4.0
     collective_margin: float = 0.25  # a scheduled algorithm must beat the backend's all-reduce by this much
     sizes: dict[int, SizeTrials] = field(default_factory=dict)
-    _seen_this_step: list[int] = field(default_factory=list)
 
     @classmethod
     def restored(cls, choices: dict[int, str], **kwargs) -> "AutoTuner":
@@ -76,11 +75,15 @@ class AutoTuner:
 
     def candidates_for(self, nbytes: int) -> tuple[str, ...]:
         ranking = rank_algorithms(nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes)
-        modelled = [a for a in algorithms() if not a.collective]
         best = ranking[0][1] if ranking else 0.0
-        kept = [name for name, t in ranking if any(a.name == name for a in modelled) and t <= self.keep_within * best]
-        collective = [a.name for a in algorithms() if a.collective and a.considered_by_auto(self.world_size, self.link.ranks_per_node)]
+        kept = [name for name, t in ranking if not _is_collective(name) and t <= self.keep_within * best]
+        collective = [name for name, _ in ranking if _is_collective(name)]
         return tuple(kept[: self.max_candidates]) + tuple(collective)
+
+    def choice(self, nbytes: int) -> str | None:
+        """The measured (or restored) choice for this bucket size, if there is one yet."""
+        trials = self.sizes.get(nbytes)
+        return trials.choice if trials is not None else None
 
     def algorithm_for(self, nbytes: int) -> str:
         """The algorithm to run on a bucket of ``nbytes`` now: the winner, the next trial, or the model's."""
@@ -89,8 +92,6 @@ class AutoTuner:
             trials = self.sizes[nbytes] = SizeTrials(self.candidates_for(nbytes), self.repetitions)
         if trials.choice is not None:
             return trials.choice
-        if nbytes not in self._seen_this_step:
-            self._seen_this_step.append(nbytes)
         if trials.measured:
             return self.fallback(nbytes)  # measured, waiting for the end-of-step exchange
         return trials.current()
@@ -114,7 +115,6 @@ class AutoTuner:
         """At the end of a step: decide every fully measured size. ``slowest`` maps this rank's times to the
         element-wise maximum over ranks (a collective: every rank calls it here with the same layout)."""
         ready = self.ready_to_exchange()
-        self._seen_this_step.clear()
         if not ready:
             return {}
         layout = [(n, name) for n in ready for name in self.sizes[n].candidates]
@@ -179,7 +179,7 @@ class AutoTuner:
 
 
 def _is_collective(name: str) -> bool:
-    return any(a.name == name and a.collective for a in algorithms())
+    return get_algorithm(name).collective
 
 
 def _features(algorithm: str, nbytes: int, world_size: int, link: LinkModel, arity: int, chunk_bytes: int):
