@@ -15,6 +15,11 @@ round still reads) land in one of three arenas: a bucket-sized one for rounds wh
 ``overlap_bytes`` that alternate between the other rounds, so at most two rounds' receives are
 outstanding. A silent peer becomes a ``PeerStallError`` that names the peer, the bucket and the
 training step instead of a hang until the process group's 30-minute timeout.
+
+With a 16-bit ``wire`` dtype (:mod:`.compression`) every algorithm sends 16-bit bytes: a send rounds its
+chunks into a bucket-sized 16-bit staging buffer (and the rank keeps the rounded value), receives land
+in 16-bit scratch (or the staging buffer) and are added into the gradient's own dtype; ``native`` reduces
+the staging buffer itself. Extra memory: half a bucket for the staging buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from .compression import round_for_wire
 from .dataflow import DataflowPlan, Event, plan_dataflow
 from .lockstep import LockstepRounds, message_tag
 from .schedules import Op, Schedule, get_algorithm
@@ -107,6 +113,8 @@ class _Run:
     bucket: int
     call: int
     arenas: dict  # arena -> this call's reusable receive buffer
+    wire: Any  # 16-bit staging buffer of the whole bucket (compression), or None
+    residual: Any  # accumulates the rounding error of this rank's sends (error feedback), or None
     missing: list[int]  # per event: dependencies not yet complete
     complete: list[bool]
     arrived: list[bool]
@@ -150,7 +158,7 @@ class ScheduleExecutor(LockstepRounds):
         """Bytes held in reusable receive buffers (the executor's extra memory)."""
         return sum(t.numel() * t.element_size() for t in self._scratch.values())
 
-    def _scratch_for(self, like: torch.Tensor, numel: int, arena: int) -> torch.Tensor:
+    def _scratch_for(self, like: torch.Tensor, numel: int, arena: int | str) -> torch.Tensor:
         key = (like.dtype, like.device, arena)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
@@ -165,32 +173,61 @@ class ScheduleExecutor(LockstepRounds):
             waiter.stop()
         self._waiters.clear()
 
-    def all_reduce_(self, buffer: torch.Tensor, schedule: Schedule, *, bucket: int = 0, step: int = 0) -> torch.Tensor:
-        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``."""
+    def all_reduce_(
+        self,
+        buffer: torch.Tensor,
+        schedule: Schedule,
+        *,
+        bucket: int = 0,
+        step: int = 0,
+        wire: torch.dtype | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum ``buffer`` (1-D, contiguous) across all ranks in place, following ``schedule``.
+
+        Args:
+            wire: a 16-bit dtype to send in (see :mod:`.compression`); None: the buffer's own.
+            residual: with ``wire``, a tensor like ``buffer`` that accumulates what this rank's roundings
+                lost (error feedback).
+        """
         if schedule.world_size != self.world_size:
             raise ValueError(f"schedule is for {schedule.world_size} ranks, group has {self.world_size}")
         if buffer.dim() != 1 or not buffer.is_contiguous():
             raise ValueError("all_reduce_ needs a flat contiguous buffer")
+        if wire is not None and not buffer.dtype.is_floating_point:
+            raise ValueError(f"compression applies to floating-point buffers only, not {buffer.dtype}")
+        if wire == buffer.dtype:
+            wire = None
         if self.world_size == 1 or buffer.numel() == 0:
-            return buffer
+            return buffer  # nothing travels, nothing is rounded
+        staging = None if wire is None else self._scratch_for(buffer.new_empty(0, dtype=wire), buffer.numel(), "wire")
+        staging = None if staging is None else staging[: buffer.numel()]
         if get_algorithm(schedule.algorithm).collective:
-            return self._run_collective(buffer, schedule, bucket, step)
+            return self._run_collective(buffer, schedule, bucket, step, staging, residual)
         if self.batched:
-            return self._run_rounds(buffer, schedule, bucket, step)
-        return self._run_dataflow(buffer, schedule, bucket, step)
+            return self._run_rounds(buffer, schedule, bucket, step, staging, residual)
+        return self._run_dataflow(buffer, schedule, bucket, step, staging, residual)
 
     # ------------------------------------------------------------------ the backend's own all-reduce
-    def _run_collective(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
+    def _run_collective(
+        self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int, wire: Any = None, residual: Any = None
+    ) -> torch.Tensor:
         """``dist.all_reduce`` on the dedicated group, under the stall deadline; the bytes counted are those
-        of the schedule that models it (gloo's ring)."""
-        work = dist.all_reduce(buffer, group=self.group, async_op=True)  # issued by this thread only
+        of the schedule that models it (gloo's ring). With ``wire`` the backend reduces 16-bit values."""
+        reduced = buffer
+        if wire is not None:
+            round_for_wire(buffer, wire, residual)
+            reduced = wire
+        work = dist.all_reduce(reduced, group=self.group, async_op=True)  # issued by this thread only
         try:
             ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
         except Exception as exc:
             raise self._peer_error([], "in the backend's all_reduce", bucket, step, exc) from exc
         if ok is False:
             raise self._peer_error([], "in the backend's all_reduce", bucket, step, None)
-        self.modelled_bytes(schedule, buffer)
+        if wire is not None:
+            buffer.copy_(wire)
+        self.modelled_bytes(schedule, reduced)
         return buffer
 
     def modelled_bytes(self, schedule: Schedule, buffer: torch.Tensor) -> tuple[int, int]:
@@ -247,8 +284,11 @@ class ScheduleExecutor(LockstepRounds):
         self._plans[key] = (schedule, layout)
         return layout
 
-    def _run_dataflow(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
-        layout = self._layout(schedule, buffer.numel(), buffer.element_size())
+    def _run_dataflow(
+        self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int, wire: Any = None, residual: Any = None
+    ) -> torch.Tensor:
+        on_wire = buffer if wire is None else wire  # what messages are made of
+        layout = self._layout(schedule, buffer.numel(), on_wire.element_size())
         events = layout.plan.events
         if not events:
             return buffer
@@ -256,7 +296,8 @@ class ScheduleExecutor(LockstepRounds):
         n = len(events)
         run = _Run(
             layout, buffer, schedule, bucket, self._calls,
-            arenas={a: self._scratch_for(buffer, size, a) for a, size in layout.arena_sizes.items()},
+            arenas={a: self._scratch_for(on_wire, size, a) for a, size in layout.arena_sizes.items()},
+            wire=wire, residual=residual,
             missing=[len(e.after) for e in events], complete=[False] * n, arrived=[False] * n, posted=[False] * n,
             round_left=list(layout.events_per_round), heads=[0] * len(layout.links),
         )  # fmt: skip
@@ -276,6 +317,8 @@ class ScheduleExecutor(LockstepRounds):
                 ) from exc
             if event.is_send or not event.scratch:
                 run.sending.pop(index, None)
+                if run.wire is not None and not event.is_send:  # landed in the staging buffer
+                    run.buffer[event.lo : event.hi].copy_(run.wire[event.lo : event.hi])
                 self._finish(run, index)
             else:
                 run.arrived[index] = True
@@ -306,7 +349,7 @@ class ScheduleExecutor(LockstepRounds):
         oldest = min(r for r, _ in run.sending.values())
         if oldest >= event.round_index:
             return True
-        nbytes = event.numel * run.buffer.element_size()
+        nbytes = event.numel * (run.buffer if run.wire is None else run.wire).element_size()
         return sum(b for _, b in run.sending.values()) + nbytes <= self.overlap_bytes
 
     def _post_ready(self, run: _Run) -> None:
@@ -330,7 +373,15 @@ class ScheduleExecutor(LockstepRounds):
 
     def _post(self, run: _Run, event: Event) -> None:
         m = event.message
-        target = self._scratch_view(run, event.index) if event.scratch else run.buffer[event.lo : event.hi]
+        if event.scratch:
+            target = self._scratch_view(run, event.index)
+        elif run.wire is None:
+            target = run.buffer[event.lo : event.hi]
+        else:  # 16-bit on the wire: a send rounds its chunks (and keeps them rounded); a copy lands in staging
+            target = run.wire[event.lo : event.hi]
+            if event.is_send:
+                residual = None if run.residual is None else run.residual[event.lo : event.hi]
+                round_for_wire(run.buffer[event.lo : event.hi], target, residual)
         low, high = (self.rank, m.peer) if event.is_send else (m.peer, self.rank)
         group = self.group if low < high or self.group_reverse is None else self.group_reverse
         tag = message_tag(run.bucket, run.schedule, event.round_index, m.lo)

@@ -6,6 +6,8 @@ data allow it: while round r's messages are on the wire, round r-1's received da
 buffer (unless round r sends or overwrites it) and round r+1's receives are already posted. Only "small"
 rounds (receive buffers within ``overlap_bytes``) take part; a whole-bucket round runs alone in one
 bucket-sized buffer. On gloo the executor runs schedules as dataflow instead (:mod:`.dataflow`).
+With a 16-bit ``wire`` staging buffer (:mod:`.compression`) sends round into it and in-place receives land
+in it, to be copied into the buffer once their round has arrived.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from .compression import round_for_wire
 from .schedules import Message, Op, Schedule, chunk_offsets
 
 _TAG_SPACE = 1 << 30
@@ -81,26 +84,33 @@ class _Round:
 class LockstepRounds:
     """Mixed into :class:`~.executor.ScheduleExecutor`: runs a schedule round by round (NCCL)."""
 
-    def _run_rounds(self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int) -> torch.Tensor:
-        rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), buffer.element_size())]
+    def _run_rounds(
+        self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int, wire: Any = None, residual: Any = None
+    ) -> torch.Tensor:
+        on_wire = buffer if wire is None else wire
+        rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), on_wire.element_size())]
         unapplied: _Round | None = None
         for i, current in enumerate(rounds):
             if unapplied is not None and not self._can_overlap(unapplied, current):
-                self._apply(unapplied, buffer)
+                self._apply_round(unapplied, buffer)
                 unapplied = None
-            self._post(current, buffer, schedule, bucket, only=None)
+            self._post_round(current, buffer, schedule, bucket, only=None, wire=wire, residual=residual)
             if unapplied is not None:
-                self._apply(unapplied, buffer)  # while this round's messages travel
+                self._apply_round(unapplied, buffer)  # while this round's messages travel
                 unapplied = None
             upcoming = rounds[i + 1] if i + 1 < len(rounds) else None
             if upcoming is not None and upcoming.plan.small and current.plan.small:
-                self._post(upcoming, buffer, schedule, bucket, only="receives")
+                self._post_round(upcoming, buffer, schedule, bucket, only="receives", wire=wire)
                 if not _overlap(current.plan.received, upcoming.plan.sent):  # its data is already final
-                    self._post(upcoming, buffer, schedule, bucket, only="sends")  # keep the links streaming
+                    self._post_round(upcoming, buffer, schedule, bucket, only="sends", wire=wire, residual=residual)
             self._wait_all(current.pending, bucket, step)
+            if wire is not None:  # in-place receives landed in the staging buffer
+                for entry in current.plan.entries:
+                    if entry.scratch is None and entry.message.op is not Op.SEND:
+                        buffer[entry.lo : entry.hi].copy_(wire[entry.lo : entry.hi])
             unapplied = current
         if unapplied is not None:
-            self._apply(unapplied, buffer)
+            self._apply_round(unapplied, buffer)
         return buffer
 
     def _plans_for(self, schedule: Schedule, numel: int, itemsize: int) -> list[_RoundPlan]:
@@ -150,12 +160,15 @@ class LockstepRounds:
         b, a = before.plan, after.plan
         return b.small and a.small and not _overlap(b.received_via_scratch, a.sent_or_written_in_place)
 
-    def _post(self, rnd: _Round, buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None) -> None:
+    def _post_round(
+        self, rnd: _Round, buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None,
+        wire: Any = None, residual: Any = None,
+    ) -> None:
         """Post this round's messages not yet posted; ``only`` = "receives" (into scratch) or "sends" posts
         just those, early, while the previous round is still in flight."""
         plan = rnd.plan
         if rnd.scratch is None and plan.scratch_need:
-            rnd.scratch = self._scratch_for(buffer, plan.scratch_need, plan.arena)
+            rnd.scratch = self._scratch_for(buffer if wire is None else wire, plan.scratch_need, plan.arena)
         reverse = self.group if self.group_reverse is None else self.group_reverse
         ops = []
         for index, entry in enumerate(plan.entries):
@@ -167,7 +180,15 @@ class LockstepRounds:
             if only == "sends" and m.op is not Op.SEND:
                 continue
             rnd.posted.add(index)
-            target = buffer[entry.lo : entry.hi] if span is None else rnd.scratch[span[0] : span[1]]
+            if span is not None:
+                target = rnd.scratch[span[0] : span[1]]
+            elif wire is None:
+                target = buffer[entry.lo : entry.hi]
+            else:
+                target = wire[entry.lo : entry.hi]
+                if m.op is Op.SEND:
+                    kept = None if residual is None else residual[entry.lo : entry.hi]
+                    round_for_wire(buffer[entry.lo : entry.hi], target, kept)
             low, high = (self.rank, m.peer) if m.op is Op.SEND else (m.peer, self.rank)
             group = self.group if low < high else reverse
             tag = message_tag(bucket, schedule, plan.round_index, m.lo)
@@ -190,7 +211,7 @@ class LockstepRounds:
             rnd.pending += [_Pending(w, description, -1) for w in dist.batch_isend_irecv(ops)]
 
     @staticmethod
-    def _apply(rnd: _Round, buffer: torch.Tensor) -> None:
+    def _apply_round(rnd: _Round, buffer: torch.Tensor) -> None:
         for entry in rnd.plan.entries:
             if entry.scratch is None:
                 continue

@@ -1,20 +1,24 @@
 """Execute any schedule inside one process, on a list of tensors (one per rank), to prove it correct.
 
 Semantics match the executor: sends read the buffer as it was when the round began; received data is
-applied when the round ends (adds in step order, copies overwrite). Pricing lives in ``cost_model``.
+applied when the round ends (adds in step order, copies overwrite). With a ``wire`` dtype, a sender rounds
+what it sends and keeps the rounded value (see :mod:`.compression`). Pricing lives in ``cost_model``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .schedules import Schedule, ScheduleError, chunk_offsets, validate
 
 
-def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``schedule`` on copies of ``buffers`` (1-D, equal length) and return every rank's result."""
+def simulate(
+    schedule: Schedule, buffers: Sequence[torch.Tensor], wire: Optional[torch.dtype] = None
+) -> list[torch.Tensor]:
+    """Run ``schedule`` on copies of ``buffers`` (1-D, equal length) and return every rank's result;
+    messages travel in ``wire`` (a 16-bit dtype) when given."""
     if len(buffers) != schedule.world_size:
         raise ScheduleError(f"{schedule.algorithm}: {len(buffers)} buffers for world size {schedule.world_size}")
     validate(schedule)
@@ -27,9 +31,17 @@ def simulate(schedule: Schedule, buffers: Sequence[torch.Tensor]) -> list[torch.
     for rnd in range(schedule.num_rounds):
         msgs = by_round.get(rnd, [])
         # sends read the state as it was when the round began ...
-        payloads = [state[t.src][offsets[t.lo] : offsets[t.hi]].clone() for t in msgs]
+        payloads = [_sent(state[t.src][offsets[t.lo] : offsets[t.hi]], wire) for t in msgs]
         # ... and receives apply when it ends: adds in transfer order, copies overwrite
         for t, payload in zip(msgs, payloads):
             view = state[t.dst][offsets[t.lo] : offsets[t.hi]]
             view.add_(payload) if t.reduce else view.copy_(payload)
     return state
+
+
+def _sent(chunk: torch.Tensor, wire: Optional[torch.dtype]) -> torch.Tensor:
+    if wire is None:
+        return chunk.clone()
+    payload = chunk.to(wire)
+    chunk.copy_(payload)  # the sender keeps the rounded value
+    return payload

@@ -14,8 +14,8 @@ from lightning_firecaffe.comm.schedules import Op, algorithm_names, chunk_offset
 pytestmark = pytest.mark.timeout(120)
 
 
-def _compare_with_all_reduce(rank, world_size, chunk_bytes):
-    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20)
+def _compare_with_all_reduce(rank, world_size, chunk_bytes, batched=False):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20, batched=batched)
     report = {}
     for algorithm in algorithm_names():
         for length in (0, 1, 997, 5000):
@@ -38,9 +38,13 @@ def _compare_with_all_reduce(rank, world_size, chunk_bytes):
     return report, executor.counters.bytes_sent, executor.scratch_bytes
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4, 5])
-def test_every_algorithm_equals_dist_all_reduce(world_size):
-    results = run_ranks(_compare_with_all_reduce, world_size, 1024, timeout=100)
+@pytest.mark.parametrize(
+    "world_size, batched", [(2, False), (3, False), (4, False), (5, False), (3, True), (4, True)],
+    ids=["2", "3", "4", "5", "3-lockstep", "4-lockstep"],
+)
+def test_every_algorithm_equals_dist_all_reduce(world_size, batched):
+    """Dataflow (gloo) and lock-step rounds of batch_isend_irecv (the NCCL path, run here on gloo)."""
+    results = run_ranks(_compare_with_all_reduce, world_size, 1024, batched, timeout=100)
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank}: {status} {value}"
         report, sent, scratch = value
