@@ -24,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .comm.calibration import measure_link
+from .comm.compression import BucketLayout, GradientCompression, check_compression
 from .comm.cost_model import LinkModel
 from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
-from .comm.schedules import algorithm_names, on_register
+from .comm.schedules import algorithm_names, auto_candidates, get_algorithm, on_register
 from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
 from .options import is_int, require, require_choice
@@ -61,6 +62,15 @@ class FireCaffeStrategy(DDPStrategy):
             tuning. Ranks per node come from ``devices``. (Different choices add in different orders, so
             at more than 2 ranks results are reproducible to rounding, not bitwise, across runs.)
         auto_repetitions: timed trials per candidate and bucket size while ``auto`` tunes.
+        compression: ``None`` (gradients travel in their own dtype), ``"bf16"`` or ``"fp16"``: every algorithm
+            sends 16-bit values (half the bytes) while each rank accumulates in fp32; ``auto`` tunes within
+            that format and never turns compression on by itself. fp16 travels scaled by a dynamic power of
+            two; a bucket that overflows anyway makes every rank skip that optimizer step, with a warning
+            naming the bucket (the weights never see an inf). See ``comm/compression.py`` for the error bound.
+        compression_error_feedback: add each step's rounding residual to the next step's gradient, so the
+            applied updates stay within one step's rounding of full precision over any number of steps.
+            Costs one gradient-sized fp32 buffer per rank; checkpoints hold every rank's residual (gathered
+            to rank 0), so a resumed run continues exactly.
         **kwargs: forwarded to ``DDPStrategy`` and on to torch's ``DistributedDataParallel``
             (``bucket_cap_mb``, ``find_unused_parameters``, ``gradient_as_bucket_view``, ...).
 
@@ -91,6 +101,8 @@ class FireCaffeStrategy(DDPStrategy):
         stall_timeout: float = 60.0,
         link: Union[LinkModel, str, None] = None,
         auto_repetitions: int = 2,
+        compression: Optional[str] = None,
+        compression_error_feedback: bool = False,
         **kwargs: Any,
     ) -> None:
         require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
@@ -112,6 +124,13 @@ class FireCaffeStrategy(DDPStrategy):
         require(
             is_int(auto_repetitions) and auto_repetitions >= 1, _OWNER, "auto_repetitions", auto_repetitions,
             "must be an integer >= 1",
+        )  # fmt: skip
+        self.wire_format = check_compression(compression, compression_error_feedback)
+        require(
+            not (compression_error_feedback and algorithm != "auto" and get_algorithm(algorithm).collective),
+            _OWNER, "compression_error_feedback", compression_error_feedback,
+            f"cannot be exact with algorithm={algorithm!r}: the backend's all-reduce adds in 16 bits, out of the "
+            "feedback's reach (pick a scheduled algorithm, or auto, which then skips it)",
         )  # fmt: skip
         for option, value in (("ddp_comm_hook", ddp_comm_hook), ("ddp_comm_state", ddp_comm_state)):
             require(
@@ -140,6 +159,9 @@ class FireCaffeStrategy(DDPStrategy):
         self.auto_repetitions = auto_repetitions
         self.measured_link: Optional[LinkModel] = None
         self.restored_choices: dict[int, str] = {}  # from a checkpoint: bucket bytes -> algorithm
+        self.compression = compression
+        self.compression_error_feedback = compression_error_feedback
+        self.restored_compression: Optional[dict] = None  # from a checkpoint: scale and every rank's residual
         self.comm_stats = CommStats()
         self._hook_state: Optional[FireCaffeHookState] = None
 
@@ -165,12 +187,19 @@ class FireCaffeStrategy(DDPStrategy):
                 )  # fmt: skip
         else:
             link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
-        selector = ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link)
+        candidates = None
+        if self.compression_error_feedback:  # feedback is exact only where sums accumulate in fp32
+            eligible = auto_candidates(world_size, link.ranks_per_node)
+            candidates = tuple(a for a in eligible if not get_algorithm(a).collective)
+        selector = ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link, candidates=candidates)
         if self.tunes:
+            restored = {n: a for n, a in self.restored_choices.items() if candidates is None or a in candidates}
             selector.tuner = AutoTuner.restored(
-                self.restored_choices, world_size=world_size, link=link, fallback=selector.model_choice,
+                restored, world_size=world_size, link=link, fallback=selector.model_choice,
                 arity=self.arity, chunk_bytes=self.chunk_bytes, repetitions=self.auto_repetitions,
+                candidates=candidates,
             )  # fmt: skip
+        compression = self._build_compression(dist.get_rank(group), world_size)
         self._hook_state = FireCaffeHookState(
             group=group,
             group_reverse=group_reverse,
@@ -183,9 +212,81 @@ class FireCaffeStrategy(DDPStrategy):
             device=self.root_device if backend == "nccl" else "cpu",
             stats=self.comm_stats,
             current_step=self._current_step,
+            compression=compression,
+            parameter_names={id(p): name for name, p in self.model.module.named_parameters()},
         )
         hook = firecaffe_hook if self._ddp_comm_wrapper is None else self._ddp_comm_wrapper(firecaffe_hook)
         self.model.register_comm_hook(self._hook_state, hook)
+
+    def _model_layout(self) -> BucketLayout:
+        """Every trainable parameter by name, in the module's order: how error-feedback state is saved."""
+        module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        return tuple((name, p.numel()) for name, p in module.named_parameters() if p.requires_grad)
+
+    def _build_compression(self, rank: int, world_size: int) -> Optional[GradientCompression]:
+        """The wire format with its state, restored from a checkpoint when there is one."""
+        if self.wire_format is None:
+            return None
+        compression = GradientCompression(self.wire_format, self.compression_error_feedback)
+        self.comm_stats.wire_format = self.wire_format.name
+        restored = self.restored_compression or {}
+        compression.load_state_dict(restored)
+        saved = restored.get("error_feedback")
+        if saved is not None and compression.error_feedback is not None:
+            if saved["world_size"] == world_size:
+                residual = saved["residuals"][rank].to(self.root_device)
+                compression.error_feedback.load_state_dict(residual, self._model_layout())
+            else:
+                log.warning(
+                    "FireCaffe: the checkpoint's error-feedback residuals are from %d ranks, this run has %d; "
+                    "starting without them (at most one step's rounding is not carried over)",
+                    saved["world_size"], world_size,
+                )  # fmt: skip
+        return compression
+
+    def compression_state(self) -> Optional[dict]:
+        """What checkpoints keep of compression: fp16's scale and, with error feedback, every rank's
+        residual (a collective: every rank calls it while the checkpoint is assembled)."""
+        state = self._hook_state
+        compression = state.compression if state is not None else None
+        if compression is None:
+            return self.restored_compression
+        out = compression.state_dict()
+        if compression.error_feedback is not None:
+            layout = self._model_layout()
+            flat = compression.error_feedback.state_dict(layout)
+            if flat is None:
+                flat = torch.zeros(sum(n for _, n in layout), device=self.root_device)
+            gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
+            dist.all_gather(gathered, flat)
+            out["error_feedback"] = {"world_size": self.world_size, "residuals": [g.cpu() for g in gathered]}
+        return out
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Any,
+        closure: Callable[[], Any],
+        model: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """With fp16 on the wire, run the closure (backward and the all-reduce) first: if a bucket
+        overflowed - on every rank alike, the reduced values are identical - skip this step."""
+        compression = self._hook_state.compression if self._hook_state is not None else None
+        if compression is None or compression.scale is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        result = closure()
+        overflowed = compression.end_step()
+        if overflowed:
+            step = self._current_step()
+            self.comm_stats.skipped_steps.append((step, overflowed))
+            log.warning(
+                "FireCaffe fp16 compression: gradient bucket(s) %s overflowed (inf/NaN after the all-reduce) at "
+                "training step %d; the optimizer step is skipped on every rank and the scale lowered to 2^%d",
+                ", ".join(map(str, overflowed)), step, int(math.log2(compression.scale.scale)),
+            )  # fmt: skip
+            return result
+        return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
 
     def _current_step(self) -> int:
         module = self.lightning_module

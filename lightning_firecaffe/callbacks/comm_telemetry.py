@@ -17,7 +17,8 @@ class CommTelemetry(Callback):
     Added automatically by ``FireCaffeStrategy``; loggers (CSV, TensorBoard, ...) record the metrics.
     When ``auto`` has measured its choice for a bucket size, ``firecaffe/auto_ms/<bytes>`` logs the
     winner's time once. Its checkpointed state is ``auto``'s choice per bucket size, so that a resumed
-    run uses the same algorithms without re-tuning.
+    run uses the same algorithms without re-tuning, plus compression's state (fp16's scale, every rank's
+    error-feedback residual), so that a resumed run continues exactly.
     """
 
     def __init__(self) -> None:
@@ -28,12 +29,14 @@ class CommTelemetry(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         choices = self.strategy.auto_choices() if self.strategy is not None else {}
-        return {"auto_choices": {int(k): v for k, v in choices.items()}}
+        compression = self.strategy.compression_state() if self.strategy is not None else None
+        return {"auto_choices": {int(k): v for k, v in choices.items()}, "compression": compression}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.strategy is not None:
             self.strategy.restored_choices = {int(k): v for k, v in state_dict.get("auto_choices", {}).items()}
+            self.strategy.restored_compression = state_dict.get("compression")
 
     @staticmethod
     def _stats(trainer: "pl.Trainer"):
@@ -52,6 +55,7 @@ class CommTelemetry(Callback):
                 "firecaffe/busy_s": float(last.busy_s),
                 "firecaffe/bytes_sent": float(last.bytes_sent),
                 "firecaffe/bytes_received": float(last.bytes_received),
+                **({"firecaffe/bytes_saved": float(last.bytes_saved)} if stats.wire_format else {}),
             },
             on_step=True,
             on_epoch=False,

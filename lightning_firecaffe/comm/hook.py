@@ -3,7 +3,9 @@
 Like torch's own hooks (``ddp_comm_hooks/default_hooks.py``) it is a function of (state, bucket). On
 gloo the work runs on one FIFO worker thread per process so that it overlaps backward while buckets keep
 their launch order on every rank; gloo Works have no futures, so the worker completes our own Future. On
-NCCL the ops are enqueued inline (they are asynchronous on the GPU anyway).
+NCCL the ops are enqueued inline (they are asynchronous on the GPU anyway). With compression
+(:mod:`.compression`) each bucket is prepared for the wire before its all-reduce (error-feedback residual
+added, fp16 scale applied) and checked after it; algorithm choices are keyed by the bytes on the wire.
 
 (No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
 """
@@ -21,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
 from .executor import PeerStallError, ScheduleExecutor
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
@@ -41,13 +44,15 @@ class ScheduleSelector:
     chunk_bytes: int = 1 << 20
     link: LinkModel = field(default_factory=LinkModel)
     tuner: Optional[AutoTuner] = None
+    candidates: Optional[tuple[str, ...]] = None  # what ``auto`` may pick; None: the registry's
     _cache: dict = field(default_factory=dict, repr=False)
 
     def model_choice(self, nbytes: int) -> str:
         if nbytes not in self._cache:
             self._cache[nbytes] = best_algorithm(
-                nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes
-            )
+                nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes,
+                candidates=self.candidates,
+            )  # fmt: skip
         return self._cache[nbytes]
 
     def runs_collective_inline(self, nbytes: int) -> Optional[str]:
@@ -116,6 +121,8 @@ class FireCaffeHookState:
     device: Any = "cpu"  # where the tuner's exchange tensor lives (the CUDA device on NCCL)
     stats: CommStats = field(default_factory=CommStats)
     current_step: Callable[[], int] = lambda: 0
+    compression: Optional[GradientCompression] = None  # 16-bit on the wire (with its scale and residuals)
+    parameter_names: dict = field(default_factory=dict)  # id(parameter) -> name, for error-feedback layouts
     _executor: ScheduleExecutor | None = field(default=None, repr=False)
     _worker: _FifoWorker | None = field(default=None, repr=False)
     _pid: int | None = field(default=None, repr=False)
@@ -168,27 +175,57 @@ class FireCaffeHookState:
         self._executor = None
         self.group = self.group_reverse = self.group_collective = None
 
-    def reduce_bucket(self, buffer: torch.Tensor, index: int, is_last: bool, step: int) -> None:
+    def wire_nbytes(self, buffer: torch.Tensor) -> int:
+        """The bucket's size on the wire: what algorithm choices and schedules are keyed by."""
+        if self.compression is not None and buffer.element_size() > self.compression.format.itemsize:
+            return buffer.numel() * self.compression.format.itemsize
+        return buffer.numel() * buffer.element_size()
+
+    def layout_of(self, bucket: dist.GradBucket) -> Optional[BucketLayout]:
+        """The bucket's parameters by name, in buffer order (error feedback follows parameters, not bucket
+        indices, across DDP's bucket rebuilds); None without error feedback."""
+        if self.compression is None or self.compression.error_feedback is None:
+            return None
+        layout = tuple((self.parameter_names.get(id(p), f"#{id(p)}"), p.numel()) for p in bucket.parameters())
+        if sum(n for _, n in layout) != bucket.buffer().numel():  # not a plain concatenation: key by bucket
+            layout = ((f"bucket {bucket.index()}", bucket.buffer().numel()),)
+        return layout
+
+    def reduce_bucket(
+        self, buffer: torch.Tensor, index: int, is_last: bool, step: int, layout: Optional[BucketLayout] = None
+    ) -> None:
         """Average ``buffer`` across ranks in place and record what it cost (and, while tuning, the time of
         the candidate that ran)."""
         executor = self.executor
-        nbytes = buffer.numel() * buffer.element_size()
+        nbytes = self.wire_nbytes(buffer)
         measuring = self.stats.completed_steps > 0  # DDP rebuilds its buckets after the first step
         algorithm = self.selector.algorithm_for(nbytes, measuring)
         schedule = self.selector.schedule_for(nbytes, algorithm)
         self.stats.algorithms[nbytes] = algorithm
         sent0, recv0 = executor.counters.bytes_sent, executor.counters.bytes_received
+        prepared = self.compression.begin(buffer, layout) if self.compression is not None else None
         started = time.perf_counter()
-        executor.all_reduce_(buffer, schedule, bucket=index, step=step)
+        executor.all_reduce_(
+            buffer, schedule, bucket=index, step=step,
+            wire=prepared.wire_dtype if prepared else None, residual=prepared.residual if prepared else None,
+        )  # fmt: skip
         elapsed = time.perf_counter() - started
+        if prepared is not None:
+            self.compression.finish(buffer, prepared, index)
         tuner = self.selector.tuner if measuring else None  # only ``auto`` has a tuner
         if tuner is not None:
             tuner.record(nbytes, algorithm, elapsed)
             if is_last and tuner.tuning:
                 self._exchange_measurements(tuner, step)
+        sent = executor.counters.bytes_sent - sent0
         self.stats.bucket_done(
-            executor.counters.bytes_sent - sent0, executor.counters.bytes_received - recv0, elapsed, is_last
+            sent, executor.counters.bytes_received - recv0, elapsed, is_last, saved=self._saved(buffer, sent)
         )
+
+    def _saved(self, buffer: torch.Tensor, sent: int) -> int:
+        """Bytes the wire format saved against sending the gradient's own dtype."""
+        wire = self.wire_nbytes(buffer)
+        return sent * (buffer.numel() * buffer.element_size()) // wire - sent if wire else 0
 
     def _exchange_measurements(self, tuner: AutoTuner, step: int) -> None:
         """End of a tuning step: every rank's slowest time per candidate, then the same choice everywhere."""
@@ -237,22 +274,23 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
     buffer = bucket.buffer()
     index, is_last = bucket.index(), bucket.is_last()
     step = state.current_step()
+    layout = state.layout_of(bucket)
     state.stats.bucket_ready(is_last)
     buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
     def job() -> None:
         try:
-            state.reduce_bucket(buffer, index, is_last, step)
+            state.reduce_bucket(buffer, index, is_last, step, layout)
         except BaseException as exc:  # surfaces in the backward pass of the training thread
             future.set_exception(exc)
         else:
             future.set_result(buffer)
 
-    nbytes = buffer.numel() * buffer.element_size()
+    nbytes = state.wire_nbytes(buffer)
     collective = None if state.inline else state.selector.runs_collective_inline(nbytes)
     if collective is not None:
-        return _launch_collective(state, buffer, collective, index, is_last, step)
+        return _launch_collective(state, buffer, collective, index, is_last, step, layout)
     if state.inline:
         job()
     else:
@@ -261,14 +299,20 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
 
 
 def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorithm: str, index: int, is_last: bool,
-                       step: int) -> torch.futures.Future[torch.Tensor]:
+                       step: int, layout: Optional[BucketLayout] = None) -> torch.futures.Future[torch.Tensor]:
     """The backend's all-reduce, launched now from the backward thread like DDP's own hook; its group's
-    timeout is the stall timeout, and a failure reads as a PeerStallError."""
-    nbytes = buffer.numel() * buffer.element_size()
+    timeout is the stall timeout, and a failure reads as a PeerStallError. With compression the backend
+    reduces a 16-bit copy (its own, not the worker's staging buffer: both may be in flight at once)."""
+    nbytes = state.wire_nbytes(buffer)
     state.stats.algorithms[nbytes] = algorithm
-    sent, received = state.executor.modelled_bytes(state.selector.schedule_for(nbytes, algorithm), buffer)
+    prepared = state.compression.begin(buffer, layout) if state.compression is not None else None
+    reduced = buffer
+    if prepared is not None and prepared.wire_dtype is not None:
+        reduced = torch.empty_like(buffer, dtype=prepared.wire_dtype)
+        round_for_wire(buffer, reduced, prepared.residual)
+    sent, received = state.executor.modelled_bytes(state.selector.schedule_for(nbytes, algorithm), reduced)
     started = time.perf_counter()
-    work = dist.all_reduce(buffer, group=state.group_collective, async_op=True)
+    work = dist.all_reduce(reduced, group=state.group_collective, async_op=True)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         try:
@@ -279,7 +323,11 @@ def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorith
                 f"at training step {step} did not finish within {state.stall_timeout:g} s: a peer is stuck, dead "
                 f"or unreachable (cause: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})", [],
             ) from exc  # fmt: skip
-        state.stats.bucket_done(sent, received, time.perf_counter() - started, is_last)
+        if reduced is not buffer:
+            buffer.copy_(reduced)
+        if prepared is not None:
+            state.compression.finish(buffer, prepared, index)
+        state.stats.bucket_done(sent, received, time.perf_counter() - started, is_last, saved=state._saved(buffer, sent))
         return buffer
 
     return work.get_future().then(finish)

@@ -4,6 +4,7 @@
 (backward has finished computing) until every bucket is reduced. Communication that overlaps backward
 is counted in ``busy_s`` but not in ``exposed_s``. (One name everywhere: the logged metric is
 ``firecaffe/exposed_s``, the app's summary says ``exposed_s``, the train benchmark ``exposed_share``.)
+``bytes_saved`` is what a 16-bit wire format saved against sending the gradients' own dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class CommFigures:
     bytes_received: int = 0
     busy_s: float = 0.0
     exposed_s: float = 0.0
+    bytes_saved: int = 0
 
 
 @dataclass
@@ -49,6 +51,8 @@ class CommStats:
         self.algorithms: dict[int, str] = {}  # bucket bytes -> algorithm used last
         self.tuning: list[dict] = []  # auto's measured choice per bucket size (comm.tuner.AutoTuner.report)
         self.fitted_link: dict | None = None  # latency and bandwidth fitted to the tuning measurements
+        self.wire_format: str | None = None  # "bf16" / "fp16" with compression
+        self.skipped_steps: list[tuple[int, list[int]]] = []  # fp16 overflow: (step, buckets) not applied
 
     def __getstate__(self) -> dict:  # spawn pickles the strategy, and with it these stats
         state = dict(self.__dict__)
@@ -64,11 +68,12 @@ class CommStats:
             with self._lock:
                 self._current.last_ready_at = time.perf_counter()
 
-    def bucket_done(self, sent: int, received: int, busy_s: float, is_last: bool) -> None:
+    def bucket_done(self, sent: int, received: int, busy_s: float, is_last: bool, saved: int = 0) -> None:
         with self._lock:
             cur = self._current
             cur.buckets += 1
             cur.bytes_sent += sent
+            cur.bytes_saved += saved
             cur.bytes_received += received
             cur.busy_s += busy_s
             if not is_last:
@@ -80,6 +85,7 @@ class CommStats:
             t.steps += 1
             t.bytes_sent += cur.bytes_sent
             t.bytes_received += cur.bytes_received
+            t.bytes_saved += cur.bytes_saved
             t.busy_s += cur.busy_s
             t.exposed_s += cur.exposed_s
             self._current = StepComm()
@@ -106,11 +112,18 @@ class CommStats:
                 f = self.fitted_link
                 tuned += (f" Links fitted to it: {f['gbit_per_s']:.2f} Gbit/s, {f['latency_us']:.0f} us "
                           f"(rms error {100 * f['rms_error']:.0f} %).")  # fmt: skip
+        wire = ""
+        if self.wire_format:
+            wire = (f" Gradients travelled as {self.wire_format}: {per_step(t.bytes_saved) / 1e6:.2f} MB per step "
+                    "saved against full precision.")  # fmt: skip
+            if self.skipped_steps:
+                wire += (f" {len(self.skipped_steps)} optimizer step(s) skipped for fp16 overflow (steps "
+                         f"{', '.join(str(s) for s, _ in self.skipped_steps[:10])}).")  # fmt: skip
         return (
-            f"FireCaffe ({algorithm}): {t.steps} steps, buckets [{used}]; per step this rank sent "
+            f"FireCaffe ({algorithm}): {t.steps} steps, buckets on the wire [{used}]; per step this rank sent "
             f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "
             f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.exposed_s):.1f} ms "
-            f"not hidden behind backward." + tuned
+            f"not hidden behind backward." + wire + tuned
         )
 
 

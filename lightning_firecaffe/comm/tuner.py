@@ -63,6 +63,7 @@ class AutoTuner:
     max_candidates: int = 3
     keep_within: float = 4.0
     collective_margin: float = 0.25  # a scheduled algorithm must beat the backend's all-reduce by this much
+    candidates: tuple[str, ...] | None = None  # what may be picked; None: the registry's ``auto`` algorithms
     sizes: dict[int, SizeTrials] = field(default_factory=dict)
 
     @classmethod
@@ -74,7 +75,10 @@ class AutoTuner:
         return tuner
 
     def candidates_for(self, nbytes: int) -> tuple[str, ...]:
-        ranking = rank_algorithms(nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes)
+        ranking = rank_algorithms(
+            nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes,
+            candidates=self.candidates,
+        )  # fmt: skip
         best = ranking[0][1] if ranking else 0.0
         kept = [name for name, t in ranking if not _is_collective(name) and t <= self.keep_within * best]
         collective = [name for name, _ in ranking if _is_collective(name)]

@@ -207,6 +207,7 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
         # one group: the constructor's check, reported under its config key
         (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
         (["strategy.algorithm=butterfly"], "strategy.algorithm='butterfly' is not one of auto, "),
+        (["strategy.compression=int8"], "strategy.compression='int8' is not one of None, 'bf16', 'fp16'"),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
         (["callbacks.large_batch.reference_batch=0"], "callbacks.large_batch.reference_batch=0 must be an integer >= 1"),
         (["callbacks.large_batch.preset=alexnet"], "callbacks.large_batch.preset='alexnet' is not one of firecaffe"),

@@ -31,6 +31,12 @@ from lightning_firecaffe import FireCaffeStrategy, InvalidOption, algorithm_name
         ({"ddp_comm_hook": lambda s, b: None}, "ddp_comm_hook", "own comm hook"),
         ({"link": "guess"}, "link", "'measure'"),
         ({"start_method": "thread"}, "start_method", "popen, spawn, fork, forkserver"),
+        ({"compression": "int8"}, "compression", "None, 'bf16', 'fp16'"),
+        ({"compression": 16}, "compression", "None, 'bf16', 'fp16'"),
+        ({"compression_error_feedback": True}, "compression_error_feedback", "'bf16', 'fp16'"),
+        ({"compression": "bf16", "compression_error_feedback": "yes"}, "compression_error_feedback", "True or False"),
+        ({"compression": "bf16", "compression_error_feedback": True, "algorithm": "native"},
+         "compression_error_feedback", "adds in 16 bits"),
     ],
 )
 def test_bad_options_raise_naming_option_and_allowed_values(kwargs, option, allowed):

@@ -20,17 +20,20 @@ from lightning_firecaffe import FireCaffeStrategy
 
 
 class Tiny(LightningModule):
-    def __init__(self, unused: bool = False, die_at: int = -1, die_rank: int = 1):
+    def __init__(self, unused: bool = False, die_at: int = -1, die_rank: int = 1, blowup_at: int = -1):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
         self.spare = torch.nn.Linear(16, 4) if unused else None  # never used in the loss
-        self.die_at, self.die_rank = die_at, die_rank
+        self.die_at, self.die_rank, self.blowup_at = die_at, die_rank, blowup_at
 
     def training_step(self, batch, batch_idx):
         if self.global_step == self.die_at and self.global_rank == self.die_rank:
             os._exit(17)  # a rank that dies without a word
         x, y = batch
-        return torch.nn.functional.cross_entropy(self.net(x), y)
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        if self.global_step == self.blowup_at:
+            loss = loss * 1e9  # gradients far beyond fp16's range (65504)
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -67,6 +70,9 @@ class Facts(Callback):
             "steps": stats.totals.steps if stats else 0,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "bytes_saved": stats.totals.bytes_saved if stats else 0,
+            "skipped_steps": stats.skipped_steps if stats else [],
+            "summary": stats.summary(trainer.strategy.algorithm) if stats else "",
         }
         (self.out / "facts.json").write_text(json.dumps(facts))
 
@@ -87,6 +93,9 @@ def main(argv=None):
     p.add_argument("--die-at", type=int, default=-1)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--stall-timeout", type=float, default=30.0)
+    p.add_argument("--compression", default=None)
+    p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--blowup-at", type=int, default=-1, help="multiply the loss by 1e9 at this step")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -103,6 +112,8 @@ def main(argv=None):
             stall_timeout=args.stall_timeout,
             find_unused_parameters=args.unused,
             link=None if args.link in (None, "none") else args.link,
+            compression=args.compression,
+            compression_error_feedback=args.error_feedback,
             **ddp_kwargs,
         )
     elif args.strategy == "ddp" and ddp_kwargs:
@@ -128,7 +139,7 @@ def main(argv=None):
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    model = Tiny(unused=args.unused, die_at=args.die_at)
+    model = Tiny(unused=args.unused, die_at=args.die_at, blowup_at=args.blowup_at)
     if trainer.global_rank == 0 and not args.resume:
         torch.save(model.state_dict(), out / "initial.pt")
     trainer.fit(model, ckpt_path=args.resume)
