@@ -40,6 +40,7 @@ def cmd_comm(args: argparse.Namespace) -> int:
         arity=args.arity,
         chunk_bytes=parse_size(args.chunk),
         ranks_per_node=args.ranks_per_host,
+        compression=args.compression,
     )
     reports = []
     for world in [int(w) for w in _csv(args.world_sizes)]:
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "1gbit; needs root). Added latency cannot be emulated on this kernel (no netem). Default: loopback",
     )
     comm.add_argument("--ranks-per-host", type=int, default=1)
+    comm.add_argument("--compression", default=None, choices=["bf16", "fp16"],
+                      help="every algorithm sends 16-bit values; adds a row for torch's compress hook on torch DDP")
     comm.add_argument("--timeout", type=float, default=600)
     comm.add_argument("--out", default="bench_results")
     comm.set_defaults(fn=cmd_comm)

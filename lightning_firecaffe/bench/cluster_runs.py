@@ -43,7 +43,8 @@ def train_on_cluster(
     require_root()
     with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(hosts=args.world_size, rate=args.hosts_rate) as cluster:
         out = os.path.join(tmp, "result.json")
-        argv = [sys.executable, "-m", "lightning_firecaffe.bench.train_worker", *worker_args(args, strategy, algorithm, out),
-                "--devices", "1", "--num-nodes", str(args.world_size)]  # fmt: skip
+        argv = [sys.executable, *worker_args(args, strategy, algorithm, out)]
+        if "lightning_firecaffe.bench.train_worker" in argv:  # Lightning: one rank per host
+            argv += ["--devices", "1", "--num-nodes", str(args.world_size)]
         cluster.run(argv, timeout=args.timeout, backend=None)
         return json.loads(Path(out).read_text())

@@ -1,7 +1,9 @@
 """``firecaffe-bench train``: steps/s and images/s of ``strategy=firecaffe`` (each algorithm) vs ``ddp``.
 
 Every configuration runs the same model, data and steps; results are reported as ratios to ``ddp``
-measured in the same invocation (absolute numbers on a shared 2-core machine mean little).
+measured in the same invocation (absolute numbers on a shared 2-core machine mean little). With
+``--compression`` the firecaffe rows send 16-bit gradients and a row for torch's own compress hook on
+plain torch DDP (:mod:`.torch_ddp_worker`) runs beside them.
 """
 
 from __future__ import annotations
@@ -33,23 +35,36 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts-rate", default=None,
                         help="run on an emulated cluster with one rank per host and links shaped to this rate "
                              "(e.g. 1gbit; needs root). Default: loopback")
+    parser.add_argument("--compression", default=None, choices=["bf16", "fp16"],
+                        help="firecaffe rows send 16-bit gradients; adds torch DDP + its own compress hook")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default="bench_results")
 
 
+TORCH_HOOK = "torch_ddp_hook"  # the strategy name of the plain-torch-DDP row
+
+
 def _worker_args(args: argparse.Namespace, strategy: str, algorithm: str, out: str) -> list[str]:
-    return [
-        "--strategy", strategy, "--algorithm", algorithm, "--model", args.model,
-        "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--out", out,
+    """The worker module and its arguments for one configuration (Lightning's, or plain torch DDP's)."""
+    common = [
+        "--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out,
     ]  # fmt: skip
+    if strategy == TORCH_HOOK:
+        return ["-m", "lightning_firecaffe.bench.torch_ddp_worker", "--hook", algorithm, *common]
+    compression = ["--compression", args.compression] if strategy == "firecaffe" and args.compression else []
+    return ["-m", "lightning_firecaffe.bench.train_worker", "--strategy", strategy, "--algorithm", algorithm,
+            *compression, *common]  # fmt: skip
 
 
 def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = ["-m", "lightning_firecaffe.bench.train_worker",
-               *_worker_args(args, strategy, algorithm, out), "--devices", str(args.world_size)]  # fmt: skip
+        cmd = _worker_args(args, strategy, algorithm, out)
+        if strategy == TORCH_HOOK:  # plain torch: torchrun starts the ranks
+            cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.world_size), *cmd]
+        else:
+            cmd += ["--devices", str(args.world_size)]
         proc = run_launcher_script(cmd, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"{strategy}/{algorithm} failed:\n{proc.stderr[-3000:]}")
@@ -59,6 +74,8 @@ def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> di
 def run_train_bench(args: argparse.Namespace) -> int:
     names = ["auto", *algorithm_names()] if args.algorithms == "all" else [a for a in args.algorithms.split(",") if a]
     configs = [("ddp", "-")] + [("firecaffe", a) for a in names]
+    if args.compression:
+        configs.append((TORCH_HOOK, args.compression))
     results = []
     for strategy, algorithm in configs:
         if args.hosts_rate:
@@ -68,15 +85,15 @@ def run_train_bench(args: argparse.Namespace) -> int:
         else:
             result = run_one_local(args, strategy, algorithm)
         results.append(result)
-        print(f"  {result['strategy']:<26} {result['steps_per_s']:.2f} steps/s", flush=True)
+        print(f"  {result['strategy']:<30} {result['steps_per_s']:.2f} steps/s", flush=True)
     base = results[0]["images_per_s"]
     where = f"emulated cluster, {args.hosts_rate} links" if args.hosts_rate else "loopback"
     print(f"\n{args.model} {args.image_size}px, {args.batch}/rank, {args.world_size} ranks, {where}; "
           f"gradients {results[0]['gradient_bytes'] / 1e6:.1f} MB")  # fmt: skip
-    print(f"{'strategy':<26} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'exposed comm':>16}")
+    print(f"{'strategy':<30} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'exposed comm':>16}")
     for r in results:
         share = f"{100 * r['exposed_share']:.0f}%" if r["exposed_share"] is not None else "-"
-        print(f"{r['strategy']:<26} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
+        print(f"{r['strategy']:<30} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
               f"{r['images_per_s'] / base:>7.2f} {share:>16}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", default="firecaffe", help="ddp, or firecaffe")
     p.add_argument("--algorithm", default="auto")
+    p.add_argument("--compression", default=None, help="bf16 or fp16 on the wire (firecaffe)")
     p.add_argument("--model", default="nin")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=1000)
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     algorithm, _, link = args.algorithm.partition(":")  # "auto:measure" = auto with measured links
-    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(algorithm=algorithm, link=link or None)
+    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(
+        algorithm=algorithm, link=link or None, compression=args.compression
+    )
     timer = StepTimer(args.warmup)
     trainer = Trainer(
         accelerator="cpu",
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         exposed = [s.exposed_s for s in list(stats.history)[args.warmup :]] if stats else []
         step = statistics.median(timer.times)
         result = {
-            "strategy": args.strategy if args.strategy == "ddp" else f"firecaffe:{args.algorithm}",
+            "strategy": args.strategy if args.strategy == "ddp" else f"firecaffe:{args.algorithm}"
+            + (f"+{args.compression}" if args.compression else ""),
             "world_size": trainer.world_size,
             "step_s": step,
             "steps_per_s": 1 / step,

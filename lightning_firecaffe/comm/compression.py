@@ -85,13 +85,18 @@ def wire_dtype_for(fmt: Optional[WireFormat], gradient_dtype: torch.dtype) -> Op
     return fmt.dtype
 
 
-def round_for_wire(source: torch.Tensor, wire: torch.Tensor, residual: Optional[torch.Tensor] = None) -> None:
-    """Round ``source`` into ``wire`` (the bytes to send) and keep the rounded value in ``source`` too;
-    ``residual`` (same length as ``source``) accumulates what the rounding lost."""
+def round_for_wire(
+    source: torch.Tensor, wire: torch.Tensor, residual: Optional[torch.Tensor] = None, keep: bool = True
+) -> None:
+    """Round ``source`` into ``wire`` (the bytes to send); ``residual`` (same length as ``source``)
+    accumulates what the rounding lost. ``keep``: the rank keeps the rounded value in ``source`` too (needed
+    where the value is final, so every rank ends with the same bits; a partial sum that a later receive
+    overwrites, or a buffer the backend's result replaces, can skip that pass)."""
     wire.copy_(source)
     if residual is not None:
         residual.add_(source).sub_(wire)
-    source.copy_(wire)
+    if keep:
+        source.copy_(wire)
 
 
 def rounding_bound(fmt: WireFormat, roundings: int, abs_sum: torch.Tensor, additions: int = 0) -> torch.Tensor:

@@ -101,6 +101,7 @@ class _Layout(NamedTuple):
     scratch_spans: dict  # receive event -> (arena, lo, hi) of its scratch
     arena_sizes: dict  # arena -> elements
     big_rounds: frozenset  # rounds whose receives use the bucket-sized arena 0
+    final_sends: frozenset  # sends of chunks no later receive overwrites: on a 16-bit wire they keep the rounding
 
 
 @dataclass
@@ -216,7 +217,7 @@ class ScheduleExecutor(LockstepRounds):
         of the schedule that models it (gloo's ring). With ``wire`` the backend reduces 16-bit values."""
         reduced = buffer
         if wire is not None:
-            round_for_wire(buffer, wire, residual)
+            round_for_wire(buffer, wire, residual, keep=False)  # the result replaces the buffer
             reduced = wire
         work = dist.all_reduce(reduced, group=self.group, async_op=True)  # issued by this thread only
         try:
@@ -280,7 +281,13 @@ class ScheduleExecutor(LockstepRounds):
                 used[e.round_index] = lo + e.numel
         big = frozenset(rnd for rnd, arena in arena_of.items() if arena == 0)
         links_in_order = tuple((k, tuple(v)) for k, v in links.items())
-        layout = _Layout(plan, links_in_order, tuple(events_per_round), spans, arena_sizes, big)
+        final, written_later = set(), []  # element ranges received after the current event
+        for e in reversed(plan.events):
+            if e.is_send and not any(lo < e.hi and e.lo < hi for lo, hi in written_later):
+                final.add(e.index)
+            elif not e.is_send:
+                written_later.append((e.lo, e.hi))
+        layout = _Layout(plan, links_in_order, tuple(events_per_round), spans, arena_sizes, big, frozenset(final))
         self._plans[key] = (schedule, layout)
         return layout
 
@@ -381,7 +388,8 @@ class ScheduleExecutor(LockstepRounds):
             target = run.wire[event.lo : event.hi]
             if event.is_send:
                 residual = None if run.residual is None else run.residual[event.lo : event.hi]
-                round_for_wire(run.buffer[event.lo : event.hi], target, residual)
+                keep = event.index in run.layout.final_sends
+                round_for_wire(run.buffer[event.lo : event.hi], target, residual, keep)
         low, high = (self.rank, m.peer) if event.is_send else (m.peer, self.rank)
         group = self.group if low < high or self.group_reverse is None else self.group_reverse
         tag = message_tag(run.bucket, run.schedule, event.round_index, m.lo)

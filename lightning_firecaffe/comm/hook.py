@@ -309,7 +309,7 @@ def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorith
     reduced = buffer
     if prepared is not None and prepared.wire_dtype is not None:
         reduced = torch.empty_like(buffer, dtype=prepared.wire_dtype)
-        round_for_wire(buffer, reduced, prepared.residual)
+        round_for_wire(buffer, reduced, prepared.residual, keep=False)  # the result replaces the buffer
     sent, received = state.executor.modelled_bytes(state.selector.schedule_for(nbytes, algorithm), reduced)
     started = time.perf_counter()
     work = dist.all_reduce(reduced, group=state.group_collective, async_op=True)
