@@ -9,8 +9,11 @@ for the same number of epochs three ways:
 
 and test top-1 is printed for each (mean and spread over ``--seeds``). Everything goes through
 :class:`lightning_firecaffe.callbacks.LargeBatchScaling`. Needs scikit-learn (``pip install scikit-learn``).
+With ``--devices 2`` the runs use ``FireCaffeStrategy`` (fork start) and ``--wires`` compares how gradients
+travel: ``fp32``, ``bf16``, ``bf16_feedback`` (bf16 with error feedback), ``fp16``.
 
     python benchmarks/large_batch.py            # ~1.5 min on 2 CPU cores (5 seeds x 3 runs)
+    python benchmarks/large_batch.py --devices 2 --seeds 3 --wires fp32,bf16,bf16_feedback   # 16-bit wire
 """
 
 from __future__ import annotations
@@ -26,7 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_firecaffe import FireCaffeStrategy
 from lightning_firecaffe.callbacks import LargeBatchScaling
+
+WIRES = {"fp32": {}, "bf16": {"compression": "bf16"}, "fp16": {"compression": "fp16"},
+         "bf16_feedback": {"compression": "bf16", "compression_error_feedback": True}}
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
@@ -71,18 +78,21 @@ def top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (model(x).argmax(1) == y).float().mean().item()
 
 
-def run(batch: int, rule: str, warmup: float, args, train, test, seed: int) -> tuple[float, float]:
+def run(batch: int, rule: str, warmup: float, args, train, test, seed: int, wire: str = "fp32") -> tuple[float, float]:
+    """One training; ``batch`` is global (split across ``args.devices`` ranks)."""
     pl.seed_everything(seed, verbose=False)
-    loader = DataLoader(TensorDataset(*train), batch_size=batch, shuffle=True, drop_last=False)
+    loader = DataLoader(TensorDataset(*train), batch_size=batch // args.devices, shuffle=True, drop_last=False)
     model = DigitsCNN(lr=args.base_lr)
     cb = LargeBatchScaling(rule=rule, reference_batch=args.ref_batch, warmup=warmup, unit="epoch",
                            decay="poly", power=0.5, verbose=False)
+    strategy = "auto" if args.devices == 1 else FireCaffeStrategy(start_method="fork", **WIRES[wire])
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=[cb], logger=False,
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs, callbacks=[cb], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(model, loader)
-    return top1(model, *test), cb.lr_plan.peak_lr
+    peak = cb.lr_plan.peak_lr if cb.lr_plan is not None else float("nan")  # built in the ranks (fork)
+    return top1(model, *test), peak
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=5, help="warm-up epochs of the scaled large-batch run")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing small CPUs)")
+    p.add_argument("--devices", type=int, default=1, help="ranks; 2 or more train with FireCaffeStrategy")
+    p.add_argument("--wires", default="fp32", help=f"with --devices >= 2: how gradients travel, from {', '.join(WIRES)}")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -109,20 +121,28 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(f"digits: {len(train[1])} train / {len(test[1])} test images; {args.epochs} epochs; "
           f"reference batch {args.ref_batch} at LR {args.base_lr:g}; large batch {big} ({args.factor}x)")
-    results: dict[str, list[float]] = {}
+    wires = [w for w in args.wires.split(",") if w]
+    if any(w not in WIRES for w in wires) or (args.devices == 1 and wires != ["fp32"]):
+        raise SystemExit(f"--wires: choose from {', '.join(WIRES)} (anything but fp32 needs --devices >= 2)")
+    results: dict[tuple[str, str], list[float]] = {}
     for name, batch, rule, warmup in configs:
-        t0 = time.perf_counter()
-        accs = []
-        for seed in range(args.seeds):
-            acc, peak = run(batch, rule, warmup, args, train, test, seed)
-            accs.append(acc)
-        results[name] = accs
-        spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        print(f"{name:>14}: batch {batch:4d}  peak LR {peak:<7.4g} warm-up {warmup:g} ep  "
-              f"top-1 {statistics.mean(accs):6.2f} +- {spread:.2f}  (seeds: "
-              f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)")
-    small, scaled, none = (statistics.mean(results[c[0]]) for c in configs)
-    print(f"{configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points")
+        for wire in wires:
+            t0 = time.perf_counter()
+            accs = []
+            for seed in range(args.seeds):
+                acc, peak = run(batch, rule, warmup, args, train, test, seed, wire)
+                accs.append(acc)
+            results[name, wire] = accs
+            spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+            print(f"{name:>14} {wire:>13}: batch {batch:4d}  warm-up {warmup:g} ep  "
+                  f"top-1 {statistics.mean(accs):6.2f} +- {spread:.2f}  (seeds: "
+                  f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)", flush=True)
+    for wire in wires:
+        small, scaled, none = (statistics.mean(results[c[0], wire]) for c in configs)
+        print(f"[{wire}] {configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points")
+    for wire in wires[1:]:
+        gaps = [statistics.mean(results[c[0], wire]) - statistics.mean(results[c[0], wires[0]]) for c in configs]
+        print(f"{wire} - {wires[0]}: " + ", ".join(f"{c[0]} {g:+.2f}" for c, g in zip(configs, gaps)) + " points")
 
 
 if __name__ == "__main__":

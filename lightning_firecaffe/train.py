@@ -142,6 +142,9 @@ def _comm_summary(trainer) -> dict[str, Any] | None:
         "exposed_s": t.exposed_s,
         "mb_sent": t.bytes_sent / 1e6,
         "mb_received": t.bytes_received / 1e6,
+        "wire_format": stats.wire_format,
+        "mb_saved": t.bytes_saved / 1e6,
+        "skipped_steps": len(stats.skipped_steps),
         "buckets": {str(k): v for k, v in sorted(stats.algorithms.items())},
     }
 
@@ -228,6 +231,7 @@ def report(s: dict[str, Any]) -> str:
             f"  gradient communication ({c['algorithm']}, rank 0): {c['busy_s']:.2f} s over {c['steps']} steps "
             f"({1e3 * c['busy_s'] / max(1, c['steps']):.1f} ms/step; {c['exposed_s']:.2f} s not hidden behind "
             f"backward), {c['mb_sent']:.1f} MB sent"
+            + (f" as {c['wire_format']} ({c['mb_saved']:.1f} MB saved)" if c.get("wire_format") else "")
         )
     else:
         lines.append(f"  gradient communication: not measured ({s['strategy']} is not FireCaffeStrategy)")

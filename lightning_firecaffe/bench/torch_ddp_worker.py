@@ -33,7 +33,7 @@ def bf16_hook_on_any_backend(state, bucket):
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
-HOOKS = {"bf16": bf16_hook_on_any_backend, "fp16": default_hooks.fp16_compress_hook}
+HOOKS = {"bf16": bf16_hook_on_any_backend, "fp16": default_hooks.fp16_compress_hook, "none": None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("gloo")
     model = build_model(args.model, args.classes, image_size=args.image_size)
     ddp = DistributedDataParallel(model)  # 25 MB buckets, as under Lightning
-    ddp.register_comm_hook(None, HOOKS[args.hook])
+    if HOOKS[args.hook] is not None:  # "none": plain torch DDP, to tell Lightning's own cost apart
+        ddp.register_comm_hook(None, HOOKS[args.hook])
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     data = DataLoader(SyntheticImages(10**6, args.image_size, 10), batch_size=args.batch)
     times = []
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         step = statistics.median(times)
         world = dist.get_world_size()
         Path(args.out).write_text(json.dumps({
-            "strategy": f"torch DDP+{args.hook}_compress_hook", "world_size": world, "step_s": step,
+            "strategy": "torch DDP" + (f"+{args.hook}_compress_hook" if HOOKS[args.hook] else ""), "world_size": world, "step_s": step,
             "steps_per_s": 1 / step, "images_per_s": world * args.batch / step, "exposed_share": None,
             "gradient_bytes": sum(q.numel() * q.element_size() for q in model.parameters()), "algorithms": {},
         }))  # fmt: skip
