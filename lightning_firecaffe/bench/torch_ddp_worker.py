@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..models import build_model
-from .train_worker import SyntheticImages
+from .train_worker import SyntheticImages, add_workload_arguments
 
 
 
@@ -39,13 +39,7 @@ HOOKS = {"bf16": bf16_hook_on_any_backend, "fp16": default_hooks.fp16_compress_h
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hook", choices=sorted(HOOKS), required=True)
-    p.add_argument("--model", default="nin")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=8, help="per rank")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", required=True)
+    add_workload_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -65,20 +65,25 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self._t0)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--strategy", default="firecaffe", help="ddp, or firecaffe")
-    p.add_argument("--algorithm", default="auto")
-    p.add_argument("--compression", default=None, help="bf16 or fp16 on the wire (firecaffe)")
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training benchmark worker runs: the same model, images, batch and steps."""
     p.add_argument("--model", default="nin")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=8, help="per rank")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", required=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="firecaffe", help="ddp, or firecaffe")
+    p.add_argument("--algorithm", default="auto")
+    p.add_argument("--compression", default=None, help="bf16 or fp16 on the wire (firecaffe)")
+    add_workload_arguments(p)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--num-nodes", type=int, default=1)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seed_everything(0)

@@ -166,61 +166,49 @@ class ErrorFeedback:
         were kept before), to be added to the gradient and then reused to collect this step's residual."""
         flat = self._flat.get(layout)
         if flat is None:
-            flat = torch.zeros(sum(n for _, n in layout), dtype=like.dtype, device=like.device)
-            offset = 0
-            for name, numel in layout:
-                old = self._view(name)
-                if old is not None and old.numel() == numel:
-                    flat[offset : offset + numel].copy_(old)
-                offset += numel
-            offset = 0
-            for name, numel in layout:
-                self._where[name] = (layout, offset, numel)
-                offset += numel
-            self._flat[layout] = flat
-            self._drop_unreferenced()
+            flat = self._gathered(layout, like)
+            self._adopt(layout, flat)
         return flat
-
-    def _view(self, name: str) -> Optional[torch.Tensor]:
-        where = self._where.get(name)
-        if where is None:
-            return None
-        layout, offset, numel = where
-        return self._flat[layout][offset : offset + numel]
-
-    def _drop_unreferenced(self) -> None:
-        live = {layout for layout, _, _ in self._where.values()}
-        for layout in [k for k in self._flat if k not in live]:
-            del self._flat[layout]
 
     def state_dict(self, model_layout: BucketLayout) -> Optional[torch.Tensor]:
         """All residuals as one flat tensor over ``model_layout`` (every parameter, in a fixed order; zeros
         where none is kept yet), or None when nothing is kept."""
-        if not self._where:
+        if not self._flat:
             return None
-        like = next(iter(self._flat.values()))
-        flat = torch.zeros(sum(n for _, n in model_layout), dtype=like.dtype, device=like.device)
-        offset = 0
-        for name, numel in model_layout:
-            view = self._view(name)
-            if view is not None and view.numel() == numel:
-                flat[offset : offset + numel].copy_(view)
-            offset += numel
-        return flat
+        return self._gathered(model_layout, next(iter(self._flat.values())))
 
     def load_state_dict(self, flat: torch.Tensor, layout: BucketLayout) -> None:
         """Restore from :meth:`state_dict`'s tensor; ``layout`` names its parameters in order."""
-        self._flat.clear()
-        self._where.clear()
         if flat.numel() != sum(n for _, n in layout):
             raise ValueError(
                 f"error-feedback state has {flat.numel()} elements, the model {sum(n for _, n in layout)}"
             )
-        self._flat[layout] = flat.detach().clone()
+        self._flat.clear()
+        self._where.clear()
+        self._adopt(layout, flat.detach().clone())
+
+    def _gathered(self, layout: BucketLayout, like: torch.Tensor) -> torch.Tensor:
+        """A new flat tensor over ``layout`` holding each parameter's residual (zeros where none is kept)."""
+        flat = torch.zeros(sum(n for _, n in layout), dtype=like.dtype, device=like.device)
+        offset = 0
+        for name, numel in layout:
+            where = self._where.get(name)
+            if where is not None and where[2] == numel:
+                kept, at = self._flat[where[0]], where[1]
+                flat[offset : offset + numel].copy_(kept[at : at + numel])
+            offset += numel
+        return flat
+
+    def _adopt(self, layout: BucketLayout, flat: torch.Tensor) -> None:
+        """``flat`` now holds the residuals of ``layout``'s parameters; layouts nobody points to go."""
         offset = 0
         for name, numel in layout:
             self._where[name] = (layout, offset, numel)
             offset += numel
+        self._flat[layout] = flat
+        live = {where[0] for where in self._where.values()}
+        for stale in [k for k in self._flat if k not in live]:
+            del self._flat[stale]
 
 
 class GradientCompression:

@@ -29,3 +29,19 @@ def test_comm_bench_on_loopback_writes_json_and_png(tmp_path):
         # small messages: two rounds in flight, each with at most three 64 KB receive buffers
         assert 0 < r["peak_extra_bytes"] <= 2 * 3 * 64_000
     assert (tmp_path / "comm.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(180)
+def test_comm_bench_with_compression_adds_torchs_hook_row_and_checks_every_sum(tmp_path):
+    argv = ["comm", "--world-sizes", "2", "--sizes", "256KB", "--reps", "2", "--compression", "bf16",
+            "--algorithms", "auto,tree,native,dist.all_reduce", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_firecaffe.bench", *argv], capture_output=True, text=True, timeout=170
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "comm.json").read_text())["reports"][0]
+    assert report["compression"] == "bf16"
+    rows = {r["algorithm"]: r for r in report["results"]}
+    assert set(rows) == {"auto", "tree", "native", "dist.all_reduce", "torch DDP+bf16_compress_hook"}
+    # the model prices the 16-bit rows at half the bytes, the fp32 baseline at full
+    assert rows["native"]["predicted_s"] < rows["dist.all_reduce"]["predicted_s"]

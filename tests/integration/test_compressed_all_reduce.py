@@ -154,9 +154,10 @@ def train(out: Path, *args: str) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_bf16_training_sends_half_the_bytes_and_reports_the_format(tmp_path):
-    full = train(tmp_path / "fp32", "--algorithm", "tree")
-    half = train(tmp_path / "bf16", "--algorithm", "tree", "--compression", "bf16")
+@pytest.mark.parametrize("algorithm", ["tree", "native"])  # the comm worker's path, and the backend's launched inline
+def test_bf16_training_sends_half_the_bytes_and_reports_the_format(tmp_path, algorithm):
+    full = train(tmp_path / "fp32", "--algorithm", algorithm)
+    half = train(tmp_path / "bf16", "--algorithm", algorithm, "--compression", "bf16")
     assert half["bytes_sent"] * 2 == full["bytes_sent"] > 0
     assert half["bytes_saved"] == half["bytes_sent"] and full["bytes_saved"] == 0
     assert "Gradients travelled as bf16" in half["summary"]
@@ -169,19 +170,22 @@ def test_bf16_training_sends_half_the_bytes_and_reports_the_format(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_fp16_overflow_skips_the_step_on_every_rank_with_a_warning_naming_the_bucket(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ring", "native"])
+def test_fp16_overflow_skips_the_step_on_every_rank_with_a_warning_naming_the_bucket(tmp_path, algorithm):
     """Step 3's loss is scaled by 1e9: its gradients overflow fp16. The step is skipped (weights after 4
     steps equal those after 3), never an inf in the weights; the next steps train on."""
-    blown = train(tmp_path / "blown", "--algorithm", "ring", "--compression", "fp16", "--blowup-at", "3",
+    blown = train(tmp_path / "blown", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3",
                   "--max-steps", "4")  # fmt: skip
-    clean = train(tmp_path / "clean", "--algorithm", "ring", "--compression", "fp16", "--max-steps", "3")
+    clean = train(tmp_path / "clean", "--algorithm", algorithm, "--compression", "fp16", "--max-steps", "3")
     assert blown["skipped_steps"] == [[3, [0]]]
     assert "gradient bucket(s) 0 overflowed" in blown["output"] and "at training step 3" in blown["output"]
     assert "optimizer step is skipped on every rank" in blown["output"]
     weights = torch.load(tmp_path / "blown" / "weights.pt")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert_bitwise_equal(weights, torch.load(tmp_path / "clean" / "weights.pt"))
-    after = train(tmp_path / "after", "--algorithm", "ring", "--compression", "fp16", "--blowup-at", "3",
+    if algorithm != "ring":
+        return
+    after = train(tmp_path / "after", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3",
                   "--max-steps", "8")  # fmt: skip
     assert after["skipped_steps"] == [[3, [0]]], "one overflow, then the lowered scale fits again"
     assert all(torch.isfinite(w).all() for w in torch.load(tmp_path / "after" / "weights.pt").values())
