@@ -26,6 +26,7 @@ from .executor import PeerStallError, ScheduleExecutor
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner
+from ..watchdog.progress import bucket_beat
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
     index, is_last = bucket.index(), bucket.is_last()
     step = state.current_step()
     state.stats.bucket_ready(is_last)
+    bucket_beat(index)  # the stall watchdog: backward is moving
     buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
@@ -245,6 +247,7 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
         try:
             state.reduce_bucket(buffer, index, is_last, step)
         except BaseException as exc:  # surfaces in the backward pass of the training thread
+            state.failure = exc  # torch wraps it ("Unable to cast ..."): the strategy re-raises this one
             future.set_exception(exc)
         else:
             future.set_result(buffer)
