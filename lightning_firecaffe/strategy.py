@@ -31,6 +31,7 @@ from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
 from .options import is_int, require, require_choice
 from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
+from .watchdog.monitor import kill_children
 from .watchdog.errors import unwrap_hook_error, with_watchdog_view
 from .watchdog.verdict import bad_allowances, merge_allowances
 
@@ -274,6 +275,11 @@ class FireCaffeStrategy(DDPStrategy):
             raise error
 
     @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._failed_with = exception  # teardown tells the other ranks, and stops launched ranks that hang
+
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
@@ -289,9 +295,12 @@ class FireCaffeStrategy(DDPStrategy):
             self._hook_state.close()
             self._hook_state = None
         super().teardown()
+        failed, self._failed_with = getattr(self, "_failed_with", None), None
         if self.watchdog is not None:  # last: a teardown that hangs is still watched
-            self.watchdog.stop()
+            self.watchdog.stop(error=failed)
             self.watchdog = None
+        if failed is not None and getattr(self._launcher, "procs", None):  # ranks this process started must not
+            kill_children([p.pid for p in self._launcher.procs], min(10.0, self.stall_timeout))  # outlive it (frozen)
 
     @classmethod
     @override

@@ -40,10 +40,6 @@ class PhaseBeats(Callback):
         beat("train start", "warmup", trainer.global_step)
 
     @override
-    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        beat("train end", "normal", trainer.global_step)
-
-    @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         beat(f"teardown ({stage})", "normal", trainer.global_step)
 
@@ -77,7 +73,7 @@ class PhaseBeats(Callback):
         self._fetch_started = time.perf_counter()
         if PROGRESS.step_seconds is not None:  # this rank's own figure: compare ranks in the logger
             pl_module.log("firecaffe/compute_s", PROGRESS.step_seconds, on_step=True, on_epoch=False, sync_dist=False)
-        beat(f"after train batch {batch_idx}: fetching the next batch (DataLoader), logging", "normal", trainer.global_step)
+        beat(f"after train batch {batch_idx}: fetching the next batch (DataLoader)", "normal", trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -91,7 +87,8 @@ class PhaseBeats(Callback):
         beat(f"{what} batch {batch_idx} of dataloader {dataloader_idx} ({what}_step)", "normal", trainer.global_step)
 
     def _eval_batch_end(self, trainer: "pl.Trainer", what: str, batch_idx: int) -> None:
-        beat(f"after {what} batch {batch_idx}: fetching the next batch (DataLoader)", "normal", trainer.global_step)
+        beat(f"after {what} batch {batch_idx}: fetching the next batch (DataLoader) or ending the epoch", "normal",
+             trainer.global_step)
 
     def _eval_end(self, trainer: "pl.Trainer", what: str) -> None:
         beat(f"{what} epoch end (on_{what}_epoch_end, metric sync)", "normal", trainer.global_step)
@@ -145,7 +142,8 @@ class PhaseBeats(Callback):
 
     # -- straggler report
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        beat("train end", "normal", trainer.global_step)
         watchdog = getattr(trainer.strategy, "watchdog", None)
         if watchdog is None:
             return

@@ -8,6 +8,7 @@ since they are reaching the same verdict and should say so themselves) and leave
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -70,23 +71,24 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Say goodbye (peers stop waiting for this rank's beats) and end the thread."""
+    def stop(self, error: Optional[BaseException] = None) -> None:
+        """Say goodbye (and why, if training failed here) and end the thread."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval_s + 10)
         with self._lock:
-            self.transport.publish(self._beat(finished=True))
+            why = None if error is None else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            self.transport.publish(dataclasses.replace(self._beat(finished=True), error=why))
 
     # ------------------------------------------------------------------ one round
-    def _beat(self, finished: bool = False) -> Beat:
+    def _beat(self, finished: bool = False) -> Beat:  # (the training thread's whereabouts only once it stands still)
         cur = self.progress.current
         blocked = at = None
         if not finished and time.monotonic() - cur.since >= min(self.interval_s, 1.0):  # still: where is it?
             blocked, at = self._whereabouts()
         self._heartbeat += 1
-        return Beat(self.rank, self._heartbeat, cur.seq, cur.phase, cur.kind, cur.step, blocked, at, finished,
-                    self.progress.step_seconds)  # fmt: skip
+        return Beat(self.rank, self._heartbeat, cur.seq, cur.phase, cur.kind, cur.step, blocked_in=blocked, at=at,
+                    finished=finished, step_seconds=self.progress.step_seconds)  # fmt: skip
 
     def check(self) -> Optional[Stall]:
         """Publish, read, judge and act once (the thread's loop body; tests call it directly)."""
@@ -102,11 +104,13 @@ class Watchdog:
         return stall
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
             try:
                 self.check()
             except Exception:  # never let the watchdog itself take training down
                 log.exception("FireCaffe watchdog on rank %d: internal error", self.rank)
+            if self._stop.wait(self.interval_s):
+                return
 
     def _act(self, stall: Optional[Stall], now: float) -> None:
         if self.failed:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
@@ -25,30 +26,60 @@ KEY_PREFIX = "firecaffe/watchdog/"
 class StoreBeats:
     """Publish this rank's beat and read everybody's, on a store shared by all ranks."""
 
-    def __init__(self, store: dist.Store, world_size: int) -> None:
+    def __init__(self, store: dist.Store, world_size: int, reconnect: Optional[Callable[[], dist.Store]] = None,
+                 reachable: Optional[Callable[[], bool]] = None) -> None:  # fmt: skip
         self.store, self.world_size = store, world_size
+        self._reconnect, self._reachable = reconnect, reachable
+        self._broken = False
         self._keys = [f"{KEY_PREFIX}{r}" for r in range(world_size)]
         self._present: set[int] = set()
 
     @classmethod
     def connect(cls, world_size: int, timeout_s: float) -> "StoreBeats":
         """A client of the store at MASTER_ADDR:MASTER_PORT (set by every Lightning launcher)."""
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-            timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
-        )  # fmt: skip
-        return cls(store, world_size)
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+        def client() -> dist.Store:
+            return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+        def reachable() -> bool:
+            try:
+                socket.create_connection((host, port), timeout=min(1.0, timeout_s)).close()
+                return True
+            except OSError:
+                return False
+
+        return cls(client(), world_size, reconnect=client, reachable=reachable)
+
+    def _usable(self) -> bool:
+        """After a failure, probe with a plain socket (a failing store call prints a C++ stack trace each
+        time) and reconnect once the host answers again."""
+        if not self._broken:
+            return True
+        if self._reachable is None or self._reconnect is None or not self._reachable():
+            return False
+        try:
+            self.store = self._reconnect()
+        except Exception:
+            return False
+        self._broken = False
+        return True
 
     def publish(self, beat: Beat) -> bool:
+        if not self._usable():
+            return False
         try:
             self.store.set(self._keys[beat.rank], json.dumps(beat.to_dict()))
             return True
         except Exception as exc:  # the store host is gone or unreachable: the verdict decides what it means
             log.debug("watchdog: publishing a beat failed: %s", exc)
+            self._broken = True
             return False
 
     def read(self) -> Optional[dict[int, Beat]]:
         """Every rank's latest beat (ranks that never published are absent), or None if the store fails."""
+        if not self._usable():
+            return None
         try:
             missing = [r for r in range(self.world_size) if r not in self._present]
             for r in missing:  # get() on a missing key would block until the timeout
@@ -61,4 +92,5 @@ class StoreBeats:
             return {r: Beat.from_dict(json.loads(bytes(v).decode())) for r, v in zip(ranks, values)}
         except Exception as exc:
             log.debug("watchdog: reading beats failed: %s", exc)
+            self._broken = True
             return None

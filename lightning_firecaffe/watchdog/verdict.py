@@ -46,6 +46,7 @@ class Beat:
     blocked_in: Optional[str] = None  # the collective its training thread waits in
     at: Optional[str] = None  # innermost user/Lightning frame while it does not move
     finished: bool = False
+    error: Optional[str] = None  # why it left, when it left with an exception
     step_seconds: Optional[float] = None  # mean compute + data seconds per training step
 
     def to_dict(self) -> dict:
@@ -138,7 +139,8 @@ class Observer:
             else:
                 status = "busy"
             overdue = still >= (policy.stall_timeout if status == "waiting" else policy.allowance(b.kind))
-            out.append(RankState(rank, status, b.phase, b.kind, b.step, silent, still, b.blocked_in, b.at, overdue))
+            out.append(RankState(rank, status, b.phase, b.kind, b.step, silent, still, b.blocked_in, b.at, overdue,
+                                 b.error))  # fmt: skip
         return out
 
 
@@ -154,12 +156,15 @@ class RankState:
     blocked_in: Optional[str]
     at: Optional[str]
     overdue: bool
+    error: Optional[str] = None
 
     def describe(self) -> str:
         where = f"last in '{self.phase}' at global step {self.step}"
         if self.status == "dead":
             return (f"rank {self.rank} is not responding: no heartbeat for {self.silent_s:.0f} s (its process died, "
                     f"is frozen, or its host is unreachable); {where}")  # fmt: skip
+        if self.status == "finished" and self.error:
+            return f"rank {self.rank} has left the training with an error ({self.error}); {where}"
         if self.status == "finished":
             return f"rank {self.rank} has finished its training and left; {where}"
         if self.status == "waiting":
@@ -198,7 +203,8 @@ def judge(observer: Observer, now: float, policy: Policy) -> Optional[Stall]:
         if me is None or now - me.moved_at >= policy.stall_timeout:
             host = RankState(0, "dead", "unknown (its rendezvous store does not answer)", "normal", 0,
                              now - observer.store_failing_since, now - observer.store_failing_since, None, None, True)  # fmt: skip
-            return Stall((host,), (), f"rank {observer.me} cannot reach the rendezvous store on rank 0's host for "
+            own = [s for s in observer.states(now, policy) if s.rank == observer.me and s.status == "busy" and s.overdue]
+            return Stall((host, *own), (), f"rank {observer.me} cannot reach the rendezvous store on rank 0's host for "
                                       f"{now - observer.store_failing_since:.0f} s: rank 0 died or this host lost its network")  # fmt: skip
         return None
     if observer.store_failing_since is not None:
@@ -218,7 +224,7 @@ def judge(observer: Observer, now: float, policy: Policy) -> Optional[Stall]:
         return Stall(culprits, waiters, _reason(culprits))
     live_busy = [s for s in others if s.status == "busy"]
     if not waiters and live_busy and all(s.overdue for s in live_busy):
-        culprits = gone or overdue_busy
+        culprits = tuple(s for s in gone if s.status == "dead") + overdue_busy
         return Stall(culprits, (), "no rank has progressed within its allowance")
     return None
 

@@ -150,3 +150,13 @@ def test_describe_calls_a_silent_peer_not_responding():
     run([a, b], clock, 2)
     run([a], clock, 4)  # rank 1 frozen: no more heartbeats (rank 0 heard the last one at t=3), not yet for stall_timeout
     assert a.describe([1]) == ["rank 1 is not responding: no heartbeat for 3 s; last in 'train batch 3 (training_step)' at global step 7"]
+
+
+def test_every_ranks_step_seconds_travel_in_the_beats():
+    store, clock = MemoryStore(), [0.0]
+    a, b = make(0, store, clock, "x"), make(1, store, clock, "y")
+    a.progress.step_seconds, b.progress.step_seconds = 0.1, 0.3
+    run([a, b], clock, 1)
+    assert a.step_seconds() == {0: 0.1, 1: 0.3}
+    b.stop(error=PeerStallError("FireCaffe all-reduce on rank 1: rank 0 did not answer\ndetails", [0]))
+    assert store.beats[1].finished and store.beats[1].error == "PeerStallError: FireCaffe all-reduce on rank 1: rank 0 did not answer"

@@ -119,7 +119,8 @@ def test_unreachable_store_blames_rank_0s_host_once_this_rank_stands_still():
         c.observer.update({2: c.beats[2]}, c.now)  # only its own beat: the store fails
         c.observer.store_answered(False, c.now)
     stall = judge(c.observer, c.now, POLICY)
-    assert stall is not None and stall.culprit_ranks == [0] and "rendezvous store" in stall.reason
+    assert stall is not None and stall.culprit_ranks == [0, 2] and "rendezvous store" in stall.reason
+    assert "rank 2 is alive but has not progressed" in stall.message(2)  # it stands still too: say so
 
 
 def test_unreachable_store_is_no_stall_while_this_rank_moves():
