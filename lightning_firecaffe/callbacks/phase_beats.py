@@ -71,7 +71,8 @@ class PhaseBeats(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         self._fetch_started = time.perf_counter()
-        if PROGRESS.step_seconds is not None:  # this rank's own figure: compare ranks in the logger
+        if PROGRESS.step_seconds is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            # this rank's own figure, for comparing ranks in the logger (self.log is not free: not every step)
             pl_module.log("firecaffe/compute_s", PROGRESS.step_seconds, on_step=True, on_epoch=False, sync_dist=False)
         beat(f"after train batch {batch_idx}: fetching the next batch (DataLoader)", "normal", trainer.global_step)
 

@@ -58,6 +58,7 @@ class Watchdog:
         self._heartbeat = 0
         self._kill = kill or kill_children
         self.failed = False
+        self.cpu_s = 0.0  # CPU time the thread has used (its cost, see benchmarks/watchdog_overhead.py)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the transport is used by the thread and, at the end, by stop()
         self._train_thread = threading.get_ident()
@@ -92,6 +93,7 @@ class Watchdog:
 
     def check(self) -> Optional[Stall]:
         """Publish, read, judge and act once (the thread's loop body; tests call it directly)."""
+        cpu0 = time.thread_time()
         with self._lock:
             mine = self._beat()
             published = self.transport.publish(mine)
@@ -101,6 +103,7 @@ class Watchdog:
         self.observer.store_answered(beats is not None, now)
         stall = judge(self.observer, now, self.policy)
         self._act(stall, now)
+        self.cpu_s += time.thread_time() - cpu0
         return stall
 
     def _loop(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Optional
 
 from .progress import KINDS
@@ -68,14 +69,14 @@ class Policy:
 
 def merge_allowances(overrides: Optional[dict]) -> dict:
     """Defaults with the user's overrides (unknown kinds are the caller's to reject)."""
-    return {**DEFAULT_ALLOWANCES, **(overrides or {})}
+    return {**DEFAULT_ALLOWANCES, **{str(k): float(v) for k, v in (overrides or {}).items()}}
 
 
 def bad_allowances(overrides: object) -> Optional[str]:
     """Why ``overrides`` is not a valid ``{kind: seconds}`` mapping, or None."""
     if overrides is None:
         return None
-    if not isinstance(overrides, dict):
+    if not isinstance(overrides, Mapping):
         return "must be a dict {phase kind: seconds}"
     for kind, seconds in overrides.items():
         if kind not in KINDS:
