@@ -165,8 +165,10 @@ class Watchdog:
     def describe(self, ranks: list[int]) -> list[str]:
         """What this rank's watchdog knows about ``ranks`` now (for a PeerStallError's message)."""
         states = {s.rank: s for s in self.observer.states(self._clock(), self.policy)}
+        silent = [r for r, s in states.items() if r != self.rank and r not in ranks and s.status != "finished"
+                  and s.silent_s >= 3 * self.interval_s]  # fmt: skip
         out = []
-        for r in ranks:
+        for r in [*ranks, *silent]:  # the peer it waited for may itself wait for a silent one: name that too
             s = states.get(r)
             if s is None:
                 continue

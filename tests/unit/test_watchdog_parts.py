@@ -160,3 +160,19 @@ def test_every_ranks_step_seconds_travel_in_the_beats():
     assert a.step_seconds() == {0: 0.1, 1: 0.3}
     b.stop(error=PeerStallError("FireCaffe all-reduce on rank 1: rank 0 did not answer\ndetails", [0]))
     assert store.beats[1].finished and store.beats[1].error == "PeerStallError: FireCaffe all-reduce on rank 1: rank 0 did not answer"
+
+
+def test_describe_also_names_a_silent_rank_behind_the_awaited_one():
+    store, clock = MemoryStore(), [0.0]
+    def still():
+        progress = Progress()
+        progress.current = Phase(1, "train batch 4 (backward)", "normal", 4, 0.0)
+        return progress
+
+    dogs = [Watchdog(r, 3, store, Policy(10.0), interval_s=1.0, progress=still(), clock=lambda: clock[0],
+                     whereabouts=lambda: Whereabouts("backward (the gradient all-reduce)", None), exit=print,
+                     kill=lambda *a: None) for r in range(3)]  # fmt: skip
+    run(dogs, clock, 2)
+    run(dogs[:2], clock, 5)  # rank 2's link is down: rank 1 waits for rank 0, which waits for rank 2
+    lines = dogs[1].describe([0])
+    assert lines[0].startswith("rank 0 is blocked in backward") and lines[1].startswith("rank 2 is not responding")

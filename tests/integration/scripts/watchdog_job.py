@@ -75,6 +75,9 @@ class UserModel(LightningModule):
                 os._exit(17)
         if args.fault == "slow":
             time.sleep(args.base_s * (3 if self.faulty() else 1))
+        if self.global_step == args.mark_step:
+            mark(f"at-step-{args.mark_step}-rank{self.global_rank}")
+        time.sleep(args.step_sleep)
         x, y = batch
         return torch.nn.functional.mse_loss(self.net(x), y)
 
@@ -135,6 +138,10 @@ def main() -> int:
     p.add_argument("--algorithm", default="auto")
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--base-s", type=float, default=0.1, help="'slow': seconds per step of the fast ranks")
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--mark-step", type=int, default=-1, help="write OUT/at-step-<k>-rank<r> at this step")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds added to every step on every rank")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -147,19 +154,22 @@ def main() -> int:
     callbacks = []
     if args.fault == "slow":
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out) / "ckpt", every_n_train_steps=4, save_top_k=-1))
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.max_steps,
+    trainer = Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+                      max_steps=args.max_steps,
                       limit_train_batches=4 if args.fault == "validation" else None, num_sanity_val_steps=0,
                       limit_val_batches=2, callbacks=callbacks, logger=False, enable_checkpointing=args.fault == "slow",
                       enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     rank = trainer.global_rank
     record_pid(f"rank{rank}")
     try:
-        trainer.fit(UserModel())
+        trainer.fit(model := UserModel())
     except Exception as exc:  # what a user's script would catch
         print(f"rank {rank} caught {type(exc).__name__}: {exc}", flush=True)
         mark(f"caught-rank{rank}.json", json.dumps({"type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
                                                     "message": str(exc)}))  # fmt: skip
         return 1
+    if rank == 0:
+        torch.save(model.state_dict(), Path(args.out) / "weights.pt")
     beats = next((cb for cb in trainer.callbacks if type(cb).__name__ == "PhaseBeats"), None)
     mark(f"result-rank{rank}.json", json.dumps({
         "global_step": trainer.global_step,
