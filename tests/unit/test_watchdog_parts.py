@@ -176,3 +176,25 @@ def test_describe_also_names_a_silent_rank_behind_the_awaited_one():
     run(dogs[:2], clock, 5)  # rank 2's link is down: rank 1 waits for rank 0, which waits for rank 2
     lines = dogs[1].describe([0])
     assert lines[0].startswith("rank 0 is blocked in backward") and lines[1].startswith("rank 2 is not responding")
+
+
+def test_a_store_call_that_blocks_past_its_deadline_counts_as_failed():
+    from lightning_firecaffe.watchdog.transport import StoreBeats
+    from lightning_firecaffe.watchdog.verdict import Beat
+
+    release = threading.Event()
+
+    class BlockingStore:  # as a TCPStore client behaves while its link is down
+        def set(self, key, value):
+            release.wait()
+
+        def check(self, keys):
+            release.wait()
+
+    beats = StoreBeats(BlockingStore(), 2, reachable=lambda: False)
+    beats.deadline_s = 0.2
+    try:
+        assert beats.publish(Beat(0, 1, 1, "x")) is False
+        assert beats.read() is None  # and later calls do not block either: the store counts as broken
+    finally:
+        release.set()
