@@ -17,6 +17,7 @@ from .comm.executor import PeerStallError
 from .comm.schedules import algorithm_names, register_algorithm
 from .options import InvalidOption
 from .strategy import FireCaffeStrategy
+from .watchdog import STALL_EXIT_CODE
 
 FireCaffeStrategy.register_strategies(StrategyRegistry)
 
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidOption",
     "LinkModel",
     "PeerStallError",
+    "STALL_EXIT_CODE",
     "__version__",
     "algorithm_names",
     "register_algorithm",

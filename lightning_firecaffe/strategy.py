@@ -31,6 +31,10 @@ from .comm.schedules import algorithm_names, auto_candidates, get_algorithm, on_
 from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
 from .options import is_int, require, require_choice
+from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
+from .watchdog.monitor import kill_children
+from .watchdog.errors import unwrap_hook_error, with_watchdog_view
+from .watchdog.verdict import bad_allowances, merge_allowances
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,16 @@ class FireCaffeStrategy(DDPStrategy):
             by the cost model alone.
         arity: children per tree node (2 = binary).
         chunk_bytes: piece size streamed by the pipelined algorithms.
-        stall_timeout: seconds a rank waits for a silent peer before failing with an error naming it.
+        stall_timeout: seconds a rank waits for a silent peer before failing with an error naming it; also
+            the watchdog's limit for a rank whose progress does not move while others wait for it.
+        watchdog: run the stall watchdog (:mod:`lightning_firecaffe.watchdog`) on every rank: it watches
+            every collective, not just the gradient all-reduce, and names the rank that holds the job up.
+        stall_action: ``"fail"``: after ``stall_grace`` more seconds every rank exits with status 70 and the
+            verdict as the last lines of its log; ``"warn"``: only warn.
+        stall_grace: seconds between the watchdog's warning and ``"fail"`` (default ``stall_timeout / 2``).
+        stall_allowance: seconds a phase kind may stand still, where longer than ``stall_timeout``
+            (defaults: ``setup`` 300, ``warmup`` 300 - first step, first batch of each DataLoader pass -
+            and ``checkpoint`` 600).
         link: ``None`` (default): ``auto`` measures the candidates; a ``LinkModel`` or ``"measure"`` (a
             ping-pong at start-up) makes ``auto`` pick by the cost model under that link instead, without
             tuning. Ranks per node come from ``devices``. (Different choices add in different orders, so
@@ -103,6 +116,10 @@ class FireCaffeStrategy(DDPStrategy):
         auto_repetitions: int = 2,
         compression: Optional[str] = None,
         compression_error_feedback: bool = False,
+        watchdog: bool = True,
+        stall_action: str = "fail",
+        stall_grace: Optional[float] = None,
+        stall_allowance: Optional[dict[str, float]] = None,
         **kwargs: Any,
     ) -> None:
         require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
@@ -121,6 +138,15 @@ class FireCaffeStrategy(DDPStrategy):
             "must be a LinkModel, 'measure' or None",
         )  # fmt: skip
         require_choice(_OWNER, "start_method", start_method, _START_METHODS)
+        require(isinstance(watchdog, bool), _OWNER, "watchdog", watchdog, "must be True or False")
+        require_choice(_OWNER, "stall_action", stall_action, ACTIONS)
+        require(
+            stall_grace is None or (isinstance(stall_grace, (int, float)) and not isinstance(stall_grace, bool)
+                                    and math.isfinite(stall_grace) and stall_grace >= 0),
+            _OWNER, "stall_grace", stall_grace, "must be None or a finite number of seconds >= 0",
+        )  # fmt: skip
+        problem = bad_allowances(stall_allowance)
+        require(problem is None, _OWNER, "stall_allowance", stall_allowance, problem or "")
         require(
             is_int(auto_repetitions) and auto_repetitions >= 1, _OWNER, "auto_repetitions", auto_repetitions,
             "must be an integer >= 1",
@@ -164,6 +190,10 @@ class FireCaffeStrategy(DDPStrategy):
         self.restored_compression: Optional[dict] = None  # from a checkpoint: scale and every rank's residual
         self.comm_stats = CommStats()
         self._hook_state: Optional[FireCaffeHookState] = None
+        self.watchdog_enabled, self.stall_action = watchdog, stall_action
+        self.stall_grace = self.stall_timeout / 2 if stall_grace is None else float(stall_grace)
+        self.stall_allowance = merge_allowances(stall_allowance)
+        self.watchdog: Optional[Watchdog] = None  # the running one, in the process that trains
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -312,6 +342,53 @@ class FireCaffeStrategy(DDPStrategy):
             if telemetry is None:
                 trainer.callbacks.append(telemetry := CommTelemetry())
             telemetry.strategy = self
+            self._start_watchdog(trainer)
+
+    def _start_watchdog(self, trainer: Any) -> None:
+        """Phase beats from Lightning's hooks, and the watchdog thread (here: after launch, in the process
+        that trains)."""
+        from .callbacks.phase_beats import PhaseBeats
+
+        if not self.watchdog_enabled or self.world_size < 2 or self.watchdog is not None:
+            return
+        if not any(isinstance(cb, PhaseBeats) for cb in trainer.callbacks):
+            trainer.callbacks.append(PhaseBeats())
+        launcher = self._launcher
+        self.watchdog = start_watchdog(
+            self.global_rank, self.world_size, Policy(self.stall_timeout, self.stall_allowance),
+            action=self.stall_action, grace_s=self.stall_grace,
+            launched_ranks=lambda: [p.pid for p in getattr(launcher, "procs", [])],
+        )  # fmt: skip
+        beat("setup", "setup")
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """torch wraps the comm hook's error ("Unable to cast ... to Tensor"): raise the hook's own."""
+        try:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        except RuntimeError as exc:
+            error = unwrap_hook_error(exc, getattr(self._hook_state, "failure", None))
+            if error is None:
+                raise
+            if self.watchdog is not None:
+                error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
+            error.__suppress_context__ = True
+            raise error
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        self._failed_with = exception  # teardown tells the other ranks, and stops launched ranks that hang
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        beat("checkpoint load", "checkpoint")
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
     @override
     def teardown(self) -> None:
@@ -319,6 +396,12 @@ class FireCaffeStrategy(DDPStrategy):
             self._hook_state.close()
             self._hook_state = None
         super().teardown()
+        failed, self._failed_with = getattr(self, "_failed_with", None), None
+        if self.watchdog is not None:  # last: a teardown that hangs is still watched
+            self.watchdog.stop(error=failed)
+            self.watchdog = None
+        if failed is not None and getattr(self._launcher, "procs", None):  # ranks this process started must not
+            kill_children([p.pid for p in self._launcher.procs], min(10.0, self.stall_timeout))  # outlive it (frozen)
 
     @classmethod
     @override

@@ -29,6 +29,7 @@ from .executor import PeerStallError, ScheduleExecutor
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner
+from ..watchdog.progress import bucket_beat
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,7 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
     step = state.current_step()
     layout = state.layout_of(bucket)
     state.stats.bucket_ready(is_last)
+    bucket_beat(index)  # the stall watchdog: backward is moving
     buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
@@ -283,6 +285,7 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
         try:
             state.reduce_bucket(buffer, index, is_last, step, layout)
         except BaseException as exc:  # surfaces in the backward pass of the training thread
+            state.failure = exc  # torch wraps it ("Unable to cast ..."): the strategy re-raises this one
             future.set_exception(exc)
         else:
             future.set_result(buffer)

@@ -1,0 +1,256 @@
+"""The watchdog thread: publish this rank's beat, read the others', act on the verdict.
+
+"fail" cannot raise into the training thread: it is blocked inside a C++ collective that only the
+process group's timeout (30 minutes) would end. So the thread logs the verdict, flushes, kills this
+rank's child processes (DataLoader workers at once; ranks this process launched after a short wait,
+since they are reaching the same verdict and should say so themselves) and leaves with ``os._exit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+from .progress import PROGRESS, Progress
+from .stacks import Whereabouts, classify, stack_of
+from .verdict import Beat, Observer, Policy, Stall, judge
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a rank that the watchdog stops (EX_SOFTWARE).
+STALL_EXIT_CODE = 70
+ACTIONS = ("fail", "warn")
+
+
+class Watchdog:
+    """Runs on every rank of one training, in the process that trains (threads do not survive fork)."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        transport,  # StoreBeats or any object with publish(beat) -> bool and read() -> dict | None
+        policy: Policy,
+        *,
+        action: str = "fail",
+        grace_s: float = 5.0,
+        interval_s: float = 1.0,
+        progress: Progress = PROGRESS,
+        launched_ranks: Callable[[], list[int]] = list,
+        exit: Callable[[int], None] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
+        whereabouts: Optional[Callable[[], Whereabouts]] = None,
+        kill: Optional[Callable[[list[int], float], None]] = None,
+    ) -> None:
+        self.rank, self.world_size, self.transport, self.policy = rank, world_size, transport, policy
+        self.action, self.grace_s, self.interval_s = action, grace_s, interval_s
+        self.progress, self.launched_ranks, self._exit, self._clock = progress, launched_ranks, exit, clock
+        self.observer = Observer(world_size, rank, clock())
+        self._whereabouts = whereabouts or (lambda: classify(stack_of(self._train_thread)))
+        self.stall: Optional[Stall] = None
+        self.stalled_since: Optional[float] = None
+        self._heartbeat = 0
+        self._kill = kill or kill_children
+        self.failed = False
+        self.cpu_s = 0.0  # CPU time the thread has used (its cost, see benchmarks/watchdog_overhead.py)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the transport is used by the thread and, at the end, by stop()
+        self._train_thread = threading.get_ident()
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Watchdog":
+        """Start watching; call from the training thread."""
+        self._train_thread = threading.get_ident()
+        self._thread = threading.Thread(target=self._loop, name="firecaffe-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, error: Optional[BaseException] = None) -> None:
+        """Say goodbye (and why, if training failed here) and end the thread."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval_s + 10)
+        with self._lock:
+            why = None if error is None else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            self.transport.publish(dataclasses.replace(self._beat(finished=True), error=why))
+
+    # ------------------------------------------------------------------ one round
+    def _beat(self, finished: bool = False) -> Beat:  # (the training thread's whereabouts only once it stands still)
+        cur = self.progress.current
+        blocked = at = None
+        if not finished and time.monotonic() - cur.since >= min(self.interval_s, 1.0):  # still: where is it?
+            blocked, at = self._whereabouts()
+        self._heartbeat += 1
+        return Beat(self.rank, self._heartbeat, cur.seq, cur.phase, cur.kind, cur.step, blocked_in=blocked, at=at,
+                    finished=finished, step_seconds=self.progress.step_seconds)  # fmt: skip
+
+    def check(self) -> Optional[Stall]:
+        """Publish, read, judge and act once (the thread's loop body; tests call it directly)."""
+        cpu0 = time.thread_time()
+        with self._lock:
+            mine = self._beat()
+            published = self.transport.publish(mine)
+            beats = self.transport.read() if published else None
+        now = self._clock()
+        self.observer.update({self.rank: mine, **({k: v for k, v in beats.items() if k != self.rank} if beats else {})}, now)
+        self.observer.store_answered(beats is not None, now)
+        stall = judge(self.observer, now, self.policy)
+        self._act(stall, now)
+        self.cpu_s += time.thread_time() - cpu0
+        return stall
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.check()
+            except Exception:  # never let the watchdog itself take training down
+                log.exception("FireCaffe watchdog on rank %d: internal error", self.rank)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def _act(self, stall: Optional[Stall], now: float) -> None:
+        if self.failed:
+            return
+        if stall is None:
+            if self.stall is not None:
+                log.warning("FireCaffe watchdog on rank %d: the job moves again", self.rank)
+            self.stall = self.stalled_since = None
+            return
+        first = self.stall is None
+        self.stall = stall
+        if first:
+            self.stalled_since = now
+            then = (f"every rank stops in {self.grace_s:.0f} s unless it moves (stall_action='fail')"
+                    if self.action == "fail" else "stall_action='warn': the job keeps waiting")  # fmt: skip
+            log.warning("%s\n  %s", stall.message(self.rank), then)
+            return
+        if self.action == "fail" and now - self.stalled_since >= self.grace_s:
+            self._fail(stall)
+
+    def _fail(self, stall: Stall) -> None:
+        self.failed = True
+        log.critical(
+            "%s\n  FireCaffe watchdog: stopping rank %d (exit code %d): stalled for %.0f s after the warning.",
+            stall.message(self.rank), self.rank, STALL_EXIT_CODE, self.grace_s,
+        )  # fmt: skip
+        for handler in logging.getLogger().handlers + [logging.lastResort]:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.rank in stall.culprit_ranks:
+            time.sleep(2 * self.interval_s)  # let the waiting ranks say whom they wait for before this one goes
+        self._kill(self.launched_ranks(), min(10.0, self.policy.stall_timeout))
+        self._exit(STALL_EXIT_CODE)
+
+    # ------------------------------------------------------------------ for reports and error messages
+    def step_seconds(self) -> dict[int, float]:
+        """Every rank's mean compute + data seconds per training step, as last published."""
+        with self._lock:
+            beats = self.transport.read() or {}
+        figures = {r: b.step_seconds for r, b in beats.items() if b.step_seconds is not None}
+        if self.progress.step_seconds is not None:
+            figures[self.rank] = self.progress.step_seconds
+        return figures
+
+    def describe(self, ranks: list[int]) -> list[str]:
+        """What this rank's watchdog knows about ``ranks`` now (for a PeerStallError's message)."""
+        states = {s.rank: s for s in self.observer.states(self._clock(), self.policy)}
+        silent = [r for r, s in states.items() if r != self.rank and r not in ranks and s.status != "finished"
+                  and s.silent_s >= 3 * self.interval_s]  # fmt: skip
+        out = []
+        for r in [*ranks, *silent]:  # the peer it waited for may itself wait for a silent one: name that too
+            s = states.get(r)
+            if s is None:
+                continue
+            if s.status in ("busy", "waiting") and s.silent_s >= 3 * self.interval_s:  # silent, though not yet for stall_timeout
+                out.append(f"rank {r} is not responding: no heartbeat for {s.silent_s:.0f} s; last in '{s.phase}' "
+                           f"at global step {s.step}")  # fmt: skip
+            else:
+                out.append(s.describe())
+        return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    kids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], child_pids(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += child_pids(p)
+    return out
+
+
+def kill_children(spare: list[int], wait_s: float) -> None:
+    """SIGKILL every descendant of this process; the ``spare`` ones (ranks this process launched, which
+    reach their own verdict) get ``wait_s`` to exit by themselves first."""
+    spared = set(spare)
+    theirs = {p for pid in spared for p in descendants(pid)}
+    for pid in descendants(os.getpid()):
+        if pid not in spared and pid not in theirs:
+            _kill(pid)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_alive(p) for p in spared):
+        time.sleep(0.2)
+    for pid in spared:
+        for p in [pid, *descendants(pid)]:
+            _kill(p)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_watchdog(rank: int, world_size: int, policy: Policy, *, action: str, grace_s: float,
+                   launched_ranks: Callable[[], list[int]] = list) -> Optional[Watchdog]:
+    """Connect to the rendezvous store and start the thread; None (with a warning) if the store cannot be
+    reached: training goes on unwatched rather than not at all."""
+    from .transport import StoreBeats
+
+    interval = min(2.0, max(0.2, policy.stall_timeout / 10))
+    PROGRESS.reset()
+    try:
+        transport = StoreBeats.connect(world_size, timeout_s=max(1.0, min(5.0, policy.stall_timeout / 2)))
+    except Exception as exc:
+        log.warning("FireCaffe watchdog on rank %d is off: cannot reach the rendezvous store (%s)", rank, exc)
+        return None
+    return Watchdog(rank, world_size, transport, policy, action=action, grace_s=grace_s, interval_s=interval,
+                    launched_ranks=launched_ranks).start()  # fmt: skip
