@@ -4,7 +4,8 @@ Added by ``FireCaffeStrategy`` when its watchdog is on. Every hook costs one tup
 names what the rank does *until the next beat*, so after ``on_train_batch_end`` the rank is "fetching
 train batch k+1 (DataLoader)" and a rank stuck in its DataLoader is named as such. It also measures each
 rank's compute + data time per training step (from fetching the batch to the start of backward: no
-collective in between) for the straggler report at the end of fit.
+collective in between) and, at the end of fit, every rank's links (:mod:`..watchdog.link_probe`) for the
+straggler report.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class PhaseBeats(Callback):
         self._compute_s = 0.0
         self._steps_timed = 0
         self.step_seconds: dict[int, float] = {}  # rank -> mean seconds per step, filled at the end of fit
+        self.link_seconds: dict | None = None  # (sender, receiver) -> seconds of the end-of-fit link probe
 
     # -- setup and teardown
     @override
@@ -149,10 +151,16 @@ class PhaseBeats(Callback):
         if watchdog is None:
             return
         self.step_seconds = watchdog.step_seconds()
-        from ..watchdog.stragglers import straggler_report
+        from ..watchdog.link_probe import PROBE_BYTES, probe_links
+        from ..watchdog.stragglers import link_report, straggler_report
 
-        report = straggler_report(self.step_seconds)
-        if report and trainer.global_rank == 0:
+        beat("link probe (straggler report)", "normal", trainer.global_step)
+        self.link_seconds = probe_links(
+            trainer.global_rank, trainer.world_size, trainer.strategy.stall_timeout, device=pl_module.device
+        )  # every rank: a collective
+        reports = [straggler_report(self.step_seconds), link_report(self.link_seconds or {}, PROBE_BYTES)]
+        if trainer.global_rank == 0:
             from lightning.pytorch.utilities import rank_zero_info
 
-            rank_zero_info(report)
+            for report in filter(None, reports):
+                rank_zero_info(report)

@@ -35,3 +35,37 @@ def straggler_report(step_seconds: dict[int, float]) -> Optional[str]:
                f"other ranks' median" if ratio >= STRAGGLER_RATIO else
                f"no straggler (slowest: rank {rank}, {ratio:.2f}x the other ranks' median)")  # fmt: skip
     return f"FireCaffe stragglers: {verdict}. Compute + data per step by rank: {per_rank}."
+
+
+def slowest_links(seconds: dict[tuple[int, int], float]) -> Optional[tuple[int, float, float, dict[int, float]]]:
+    """From probe times ``{(sender, receiver): seconds}``: the rank whose links are slowest, as (rank, its
+    time, ratio to the other ranks' median, every rank's time), or None without figures.
+
+    A rank's link time is its *fastest* transfer, in or out: a transfer is as slow as the slower of its
+    two ends, so a host whose NIC or cable is slow has no fast transfer at all, while its peers still do.
+    """
+    per_rank: dict[int, float] = {}
+    for (src, dst), s in seconds.items():
+        if s is None or not s > 0:
+            continue
+        for rank in (src, dst):
+            per_rank[rank] = min(per_rank.get(rank, float("inf")), s)
+    if len(per_rank) < 2:
+        return None
+    rank = max(per_rank, key=per_rank.__getitem__)
+    others = statistics.median(s for r, s in per_rank.items() if r != rank)
+    return rank, per_rank[rank], per_rank[rank] / others if others > 0 else float("inf"), per_rank
+
+
+def link_report(seconds: dict[tuple[int, int], float], nbytes: int) -> Optional[str]:
+    """The links line of the end-of-fit summary, or None without figures."""
+    found = slowest_links(seconds)
+    if found is None:
+        return None
+    rank, worst, ratio, per_rank = found
+    size = f"{nbytes / 2**20:g} MiB"
+    listed = ", ".join(f"{r}: {s * 1e3:.1f} ms" for r, s in sorted(per_rank.items()))
+    verdict = (f"rank {rank}'s links are the slowest: {worst * 1e3:.1f} ms per {size}, {ratio:.1f}x the other ranks' "
+               f"median" if ratio >= STRAGGLER_RATIO else
+               f"no slow link (slowest: rank {rank}, {ratio:.2f}x the other ranks' median)")  # fmt: skip
+    return f"FireCaffe links: {verdict}. Fastest transfer of {size} in or out, by rank: {listed}."

@@ -87,7 +87,7 @@ def test_link_flap_training_finishes_with_the_weights_of_a_clean_run(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_ten_times_slower_link_training_finishes(tmp_path):
+def test_ten_times_slower_link_training_finishes_and_the_straggler_report_names_its_rank(tmp_path):
     def slow(c):
         ns = c.host_namespaces[2]
         import subprocess
@@ -100,3 +100,4 @@ def test_ten_times_slower_link_training_finishes(tmp_path):
     for r in ranks:
         assert r.returncode == 0, output(r)[-3000:]
     assert "the job is stalled" not in "".join(output(r) for r in ranks)
+    assert "rank 2's links are the slowest" in output(ranks[0]), output(ranks[0])[-3000:]  # the straggler report

@@ -10,7 +10,7 @@ from lightning_firecaffe.watchdog.errors import unwrap_hook_error, with_watchdog
 from lightning_firecaffe.watchdog.monitor import STALL_EXIT_CODE, Watchdog
 from lightning_firecaffe.watchdog.progress import Phase, Progress
 from lightning_firecaffe.watchdog.stacks import Frame, Whereabouts, classify, stack_of
-from lightning_firecaffe.watchdog.stragglers import straggler_report
+from lightning_firecaffe.watchdog.stragglers import link_report, slowest_links, straggler_report
 from lightning_firecaffe.watchdog.verdict import Policy
 
 SITE = "/venv/lib/python3.11/site-packages"
@@ -198,3 +198,15 @@ def test_a_store_call_that_blocks_past_its_deadline_counts_as_failed():
         assert beats.read() is None  # and later calls do not block either: the store counts as broken
     finally:
         release.set()
+
+
+def test_the_rank_behind_a_slow_link_is_named_by_its_fastest_transfer():
+    """Host 2's link is 10x slower: every transfer touching it is slow, its peers still have a fast one."""
+    fast, slow = 0.008, 0.080
+    times = {(0, 1): fast, (1, 0): fast, (0, 2): slow, (2, 0): slow, (1, 2): slow, (2, 1): slow}
+    rank, seconds, ratio, _ = slowest_links(times)
+    assert (rank, seconds, ratio) == (2, slow, pytest.approx(10.0))
+    assert "rank 2's links are the slowest" in link_report(times, 1 << 20) and "10.0x" in link_report(times, 1 << 20)
+    even = {k: fast for k in times}
+    assert "no slow link" in link_report(even, 1 << 20)
+    assert link_report({}, 1 << 20) is None
