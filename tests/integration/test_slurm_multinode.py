@@ -31,6 +31,12 @@ STEPS = 3
 # 2 nodes x 2 ranks of NiN on the demo shards, pinned to two_level, a few steps, no progress bar
 TINY = ["data=demo", "model=nin", f"trainer.max_steps={STEPS}", "rank_reports=true", "strategy.algorithm=two_level",
         "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+# the sbatch runs: 3 epochs of 2 steps, the preemption checkpoint at an epoch end (bitwise-exact resume)
+EPOCHS_STEPS = 6
+EPOCHS = [*(o for o in TINY if not o.startswith("trainer.max_steps")), f"trainer.max_steps={EPOCHS_STEPS}",
+          "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "callbacks.requeue.at=epoch",
+          "global_batch_size=8"]
+REFERENCE: dict[str, str] = {}  # final weights of the uninterrupted sbatch run, for the preemption test
 JOB_TIMEOUT = 240  # seconds one job may take, queueing included (4 ranks share 2 cores)
 
 
@@ -72,7 +78,7 @@ def read_ranks(out_dir: Path) -> dict[int, dict]:
     return {f["global_rank"]: f for f in facts}
 
 
-def check_two_nodes_two_ranks(out_dir: Path, diagnostics: str) -> dict[int, dict]:
+def check_two_nodes_two_ranks(out_dir: Path, diagnostics: str, steps: int = STEPS) -> dict[int, dict]:
     ranks = read_ranks(out_dir)
     assert sorted(ranks) == [0, 1, 2, 3], f"rank files in {out_dir}: {sorted(ranks)}\n{diagnostics}"
     for rank, f in ranks.items():
@@ -81,7 +87,7 @@ def check_two_nodes_two_ranks(out_dir: Path, diagnostics: str) -> dict[int, dict
         assert f["world_size"] == 4 and f["slurm_ntasks"] == "4", f
         assert f["node_rank"] == node and f["local_rank"] == rank % 2, f
         assert f["hostname"] == f"node{node}", f  # the rank ran on that node (its own UTS hostname)
-        assert f["global_step"] == STEPS, f
+        assert f["global_step"] == steps, f
         assert f["comm_hook"] == "firecaffe_hook", f
         assert f["ranks_per_node"] == 2, f  # two_level grouped the ranks by node
         assert f["algorithms"] and set(f["algorithms"].values()) == {"two_level"}, f
@@ -91,7 +97,7 @@ def check_two_nodes_two_ranks(out_dir: Path, diagnostics: str) -> dict[int, dict
     return ranks
 
 
-def check_links_carried_the_gradients(cluster, before: dict, ranks: dict[int, dict]) -> None:
+def check_links_carried_the_gradients(cluster, before: dict, ranks: dict[int, dict], steps: int = STEPS) -> None:
     """two_level: each node's leader sends at least the whole gradient per step across its link (plus the
     initial broadcast of the weights); loopback traffic inside a node never shows on fcnet0."""
     after = cluster.link_bytes()
@@ -99,7 +105,7 @@ def check_links_carried_the_gradients(cluster, before: dict, ranks: dict[int, di
     for node in ("node0", "node1"):
         sent = after[node]["tx_bytes"] - before[node]["tx_bytes"]
         received = after[node]["rx_bytes"] - before[node]["rx_bytes"]
-        assert sent >= STEPS * gradient * 0.9 and received >= STEPS * gradient * 0.9, (node, sent, received, gradient)
+        assert sent >= steps * gradient * 0.9 and received >= steps * gradient * 0.9, (node, sent, received, gradient)
 
 
 def hydra_multirun(cluster, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -140,21 +146,70 @@ def test_hydra_submitit_sweep_trains_on_two_nodes_with_two_level(slurm2, tmp_pat
     print(f"\nhydra-submitit sweep: 2 jobs x 2 nodes x 2 ranks trained in {time.monotonic() - t0:.1f} s")
 
 
+def sbatch_example(cluster, tmp_path: Path, out: Path, *overrides: str, env: dict | None = None) -> str:
+    return cluster.sbatch("--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/slurm-%j.out",
+                          str(SBATCH_EXAMPLE), f"hydra.run.dir={out}", *overrides,
+                          env=env or job_env(cluster), cwd=tmp_path)
+
+
+def run_reference(cluster, tmp_path: Path) -> dict[int, dict]:
+    """The uninterrupted sbatch run of the preemption config; its final weights go to REFERENCE."""
+    out = tmp_path / "run"
+    before = cluster.link_bytes()
+    job_id = sbatch_example(cluster, tmp_path, out, *EPOCHS)
+    state = cluster.wait_job(job_id, timeout=JOB_TIMEOUT)
+    diagnostics = f"job {job_id} {state}\n{job_logs(tmp_path, 'slurm-*.out')}"
+    assert state == "COMPLETED", diagnostics
+    ranks = check_two_nodes_two_ranks(out, diagnostics, steps=EPOCHS_STEPS)
+    check_links_carried_the_gradients(cluster, before, ranks, steps=EPOCHS_STEPS)
+    assert len({f["weights_sha256"] for f in ranks.values()}) == 1  # replicas identical
+    REFERENCE["weights_sha256"] = ranks[0]["weights_sha256"]
+    return ranks
+
+
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_sbatch_example_trains_on_two_nodes(slurm2, tmp_path):
     """Acceptance 2: ``sbatch --nodes=2 --ntasks-per-node=2 examples/sbatch_firecaffe.sh`` with overrides."""
     t0 = time.monotonic()
+    run_reference(slurm2, tmp_path)
+    print(f"\nsbatch: 2 nodes x 2 ranks trained {EPOCHS_STEPS} steps in {time.monotonic() - t0:.1f} s")
+
+
+def restarts(cluster, job_id: str) -> int:
+    out = cluster.run("scontrol", "show", "job", job_id, timeout=15, check=False).stdout
+    fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+    return int(fields.get("Restarts", "0"))
+
+
+@pytest.mark.timeout(3 * JOB_TIMEOUT + 60)
+def test_preempted_job_requeues_and_resumes_bitwise(slurm2, tmp_path):
+    """Acceptance 4: SIGUSR1 mid-run (as SLURM sends before preemption) -> checkpoint at the epoch end, requeue,
+    resume from hpc_ckpt_1.ckpt, finish; final weights bitwise equal to the uninterrupted run's."""
+    t0 = time.monotonic()
+    if "weights_sha256" not in REFERENCE:  # run alone (-k): make the reference here
+        run_reference(slurm2, tmp_path / "reference")
     out = tmp_path / "run"
-    before = slurm2.link_bytes()
-    job_id = slurm2.sbatch("--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/slurm-%j.out",
-                           str(SBATCH_EXAMPLE), f"hydra.run.dir={out}", "global_batch_size=8", *TINY,
-                           env=job_env(slurm2), cwd=tmp_path)
-    state = slurm2.wait_job(job_id, timeout=JOB_TIMEOUT)
-    diagnostics = f"job {job_id} {state}\n{job_logs(tmp_path, 'slurm-*.out')}"
+    job_id = sbatch_example(slurm2, tmp_path, out, *EPOCHS)
+    log_file = tmp_path / f"slurm-{job_id}.out"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    # every rank has its handler (installed at setup, before training): signal now, mid-run
+    while log_file.read_text(errors="replace").count("] preemption: on SIGUSR1") < 4 if log_file.exists() else True:
+        assert time.monotonic() < deadline, f"handlers not installed in time\n{job_logs(tmp_path, 'slurm-*.out')}"
+        assert slurm2.job_state(job_id) in ("", "PENDING", "RUNNING"), job_logs(tmp_path, "slurm-*.out")
+        time.sleep(0.5)
+    slurm2.run("scancel", "--signal=USR1", job_id, timeout=15)
+    state = slurm2.wait_job(job_id, timeout=2 * JOB_TIMEOUT)
+    log = job_logs(tmp_path, "slurm-*.out", tail=100_000)
+    diagnostics = f"job {job_id} {state}\n{log[-6000:]}"
     assert state == "COMPLETED", diagnostics
-    ranks = check_two_nodes_two_ranks(out, diagnostics)
-    check_links_carried_the_gradients(slurm2, before, ranks)
-    print(f"\nsbatch job {job_id}: 2 nodes x 2 ranks trained in {time.monotonic() - t0:.1f} s")
+    assert restarts(slurm2, job_id) == 1, diagnostics
+    assert "preemption: saved" in log and "requeueing SLURM job" in log, diagnostics
+    assert (out / "hpc_ckpt_1.ckpt").exists(), diagnostics
+    assert "Restoring states from the checkpoint path at" in log and "hpc_ckpt_1.ckpt" in log, diagnostics
+    ranks = check_two_nodes_two_ranks(out, diagnostics, steps=EPOCHS_STEPS)
+    assert {f["weights_sha256"] for f in ranks.values()} == {REFERENCE["weights_sha256"]}, diagnostics
+    print(f"\npreempted job {job_id}: requeued, resumed, bitwise equal to the uninterrupted run; "
+          f"{time.monotonic() - t0:.1f} s")
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
