@@ -9,8 +9,11 @@ the ranks agree (one max-all-reduce of a flag), save ``hpc_ckpt_<n>.ckpt`` in ``
 and rank 0 runs ``scontrol requeue``; then every rank waits to be stopped by SLURM. On restart Lightning
 resumes from the newest ``hpc_ckpt_*`` by itself (SLURM jobs only, when no ``ckpt_path`` is given).
 
-Exact resume: at ``at="epoch"`` the resumed run is bitwise the uninterrupted one (same algorithms, data order
-reseeded per epoch). At ``at="step"`` (the default: it meets any signal lead time) weights, optimizer and
+Exact resume: the checkpoint also holds every rank's random number generators (torch, numpy, Python;
+Lightning's checkpoints do not), restored on that rank: dropout and the seeds of new DataLoader iterators
+continue as if uninterrupted. At ``at="epoch"`` the resumed run is bitwise the uninterrupted one when the
+loaders start each epoch afresh (same algorithms; ``data.persistent_workers=false`` for the shard loaders,
+whose persistent workers carry state across epochs that no checkpoint holds). At ``at="step"`` (the default: it meets any signal lead time) weights, optimizer and
 step count are exact, but an iterable dataset restarts its epoch's stream (Lightning cannot skip into it).
 Outside SLURM the callback does nothing.
 """
@@ -19,12 +22,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import subprocess
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
@@ -52,6 +58,8 @@ class RequeueOnSignal(Callback):
         self.received = False
         self._previous: Any = None
         self._active = False
+        self._rank = 0
+        self._rng_states: Optional[list] = None  # every rank's generators, gathered just before the checkpoint
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # only a flag: the main thread may be anywhere
         self.received = True
@@ -63,6 +71,7 @@ class RequeueOnSignal(Callback):
             return
         self._previous = signal.signal(self.signal, self._on_signal)
         self._active = True
+        self._rank = trainer.global_rank
         log.info(
             "[rank %d] preemption: on %s the job checkpoints at the next %s end and requeues (job %s)",
             trainer.global_rank, self.signal.name, self.at, os.environ.get("SLURM_JOB_ID"),
@@ -73,6 +82,21 @@ class RequeueOnSignal(Callback):
         if self._active:
             signal.signal(self.signal, self._previous if self._previous is not None else signal.SIG_DFL)
             self._active = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng_states": self._rng_states} if self._rng_states is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng_states")
+        if not states:
+            return
+        if len(states) <= self._rank:
+            log.warning("preemption: the checkpoint holds random states of %d ranks, not of rank %d: not restored",
+                        len(states), self._rank)
+            return
+        set_rng_state(states[self._rank])
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -93,6 +117,7 @@ class RequeueOnSignal(Callback):
         if not self._active or not self._agreed(trainer):
             return
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        self._rng_states = gather_rng_states()
         trainer.save_checkpoint(path)  # every rank (collective state), rank 0 writes
         if trainer.is_global_zero:
             job = _job_id()
@@ -103,6 +128,33 @@ class RequeueOnSignal(Callback):
                                    "(submit with --requeue, or JobRequeue=1 in slurm.conf)")
         trainer.strategy.barrier("firecaffe_requeue")
         _wait_to_be_stopped(self.stop_timeout)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators as tensors, ints and tuples only (checkpoints load with ``weights_only``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(state["python"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's generator states, in rank order (a collective on the default group)."""
+    own = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
 
 
 def _job_id() -> str:

@@ -34,7 +34,7 @@ TINY = ["data=demo", "model=nin", f"trainer.max_steps={STEPS}", "rank_reports=tr
 # the sbatch runs: 3 epochs of 2 steps, the preemption checkpoint at an epoch end (bitwise-exact resume)
 EPOCHS_STEPS = 6
 EPOCHS = [*(o for o in TINY if not o.startswith("trainer.max_steps")), f"trainer.max_steps={EPOCHS_STEPS}",
-          "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "callbacks.requeue.at=epoch",
+          "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "callbacks.requeue.at=epoch", "+data.persistent_workers=false",
           "global_batch_size=8"]
 REFERENCE: dict[str, str] = {}  # final weights of the uninterrupted sbatch run, for the preemption test
 JOB_TIMEOUT = 240  # seconds one job may take, queueing included (4 ranks share 2 cores)

@@ -70,3 +70,22 @@ def test_requeue_callback_options():
         RequeueOnSignal(at="minute")
     with pytest.raises(InvalidOption, match="signal_name"):
         RequeueOnSignal(signal_name="SIGFOO")
+
+
+def test_random_states_survive_a_weights_only_checkpoint():
+    """What the requeue checkpoint holds per rank loads under torch.load(weights_only=True) and replays."""
+    import io
+    import random
+
+    import numpy as np
+    import torch
+
+    from lightning_firecaffe.preemption import rng_state, set_rng_state
+
+    saved = rng_state()
+    drawn = (torch.rand(3), random.random(), float(np.random.rand()))
+    buffer = io.BytesIO()
+    torch.save({"rng_states": [saved]}, buffer)
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True)["rng_states"][0])
+    assert torch.equal(torch.rand(3), drawn[0]) and random.random() == drawn[1] and float(np.random.rand()) == drawn[2]
