@@ -154,13 +154,17 @@ class SlurmNode:
 
 
 def compose_slurm_conf(
-    state_dir: Path, ports: dict, munge_socket: Path, nodes: Sequence[SlurmNode], controller_addr: Optional[str] = None
+    state_dir: Path, ports: dict, munge_socket: Path, nodes: Sequence[SlurmNode], controller_addr: Optional[str] = None,
+    slurmd_timeout: int = 300,
 ) -> str:
     """slurm.conf for a private cluster of ``nodes`` (one slurmd each, all in one default partition).
 
     slurmd's spool, pid and log paths carry ``%n`` (the node name), so several slurmd on one machine keep
-    apart; ``controller_addr`` is where the nodes (and clients) reach slurmctld when that is not localhost.
-    Requeue is allowed (``JobRequeue=1``: Lightning's SLURM plugin requeues itself on its signal).
+    apart; ``controller_addr`` is where the nodes (and clients) reach slurmctld when that is not localhost;
+    ``slurmd_timeout``: seconds without an answer before slurmctld declares a node DOWN (and fails its jobs).
+    ``JobRequeue=0``: a job is requeued only if submitted with ``--requeue`` (preemption, see
+    ``examples/sbatch_firecaffe.sh``); otherwise a node failure fails it (NODE_FAIL) and launchers report it,
+    where SLURM's default (1) would requeue it and leave them waiting for the node to return.
     """
     if not nodes:
         raise ValueError("a SLURM cluster needs at least one node")
@@ -195,9 +199,10 @@ SchedulerType=sched/backfill
 EnforcePartLimits=ALL
 MpiDefault=none
 ReturnToService=2
-JobRequeue=1
+JobRequeue=0
 MailProg=/bin/true
 KillWait=2
+SlurmdTimeout={slurmd_timeout}
 InactiveLimit=0
 MinJobAge=300
 AccountingStorageType=accounting_storage/slurmdbd
@@ -249,6 +254,7 @@ class LocalSlurm:
     # What a subclass changes for several nodes (testing/slurm_cluster.py): the nodes, where slurmctld is
     # reached, how each slurmd starts and how its port is checked.
     controller_addr: Optional[str] = None
+    slurmd_timeout = 300
 
     def slurm_nodes(self, hardware: str) -> list[SlurmNode]:
         return [SlurmNode(NODE_NAME, "127.0.0.1", hardware)]
@@ -317,7 +323,8 @@ class LocalSlurm:
         hw = self._node_hardware()
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
         slurm_conf = compose_slurm_conf(
-            self.state_dir, self.ports, self.munge_socket, self.slurm_nodes(hw), self.controller_addr
+            self.state_dir, self.ports, self.munge_socket, self.slurm_nodes(hw), self.controller_addr,
+            self.slurmd_timeout,
         )
         self.slurm_conf.write_text(slurm_conf)
         # cgroups are not used (proctrack/linuxproc, task/none); the file only keeps slurmd from looking in /etc.

@@ -121,6 +121,7 @@ class EmulatedSlurm(LocalSlurm):
         nodes: number of nodes (``node0`` ... ``node<N-1>``); CPUs and memory of each are this machine's.
         rate: per-link rate (``"1gbit"``, ``None`` unshaped), as for :class:`EmulatedCluster`.
         misleading_hostnames: indices of nodes whose own hostname resolves to a second interface.
+        slurmd_timeout: seconds after which slurmctld declares a silent node DOWN and fails its jobs.
         run_id: the emulated cluster's run id (random by default): namespaces ``fcn-<run_id>-...``.
         Other keyword arguments go to :class:`LocalSlurm` (state_dir, start_timeout, ttl, owner_pid).
 
@@ -133,9 +134,11 @@ class EmulatedSlurm(LocalSlurm):
         rate: Optional[str] = "1gbit",
         misleading_hostnames: Sequence[int] = (),
         run_id: Optional[str] = None,
+        slurmd_timeout: int = 20,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.slurmd_timeout = int(slurmd_timeout)
         if not 2 <= int(nodes) <= 8:
             raise ValueError(f"nodes={nodes}: an emulated SLURM has 2 to 8 nodes")
         bad = [i for i in misleading_hostnames if not 0 <= i < nodes]
@@ -230,9 +233,11 @@ class EmulatedSlurm(LocalSlurm):
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(hosts_file(cluster_names, own))
 
-    def _start_slurmd(self, timeout: float) -> None:
+    def _start_slurmd(self, timeout: float, nodes: Optional[Sequence[int]] = None) -> None:
         slurmd = _which("slurmd")
-        for i, name in enumerate(self.node_names):
+        nodes = range(self.num_nodes) if nodes is None else nodes
+        for i in nodes:
+            name = self.node_names[i]
             # ip netns exec: network + /etc/hosts of the node (in a private mount namespace whose fresh /sys has
             # no cgroup mounts: slurmd's cgroup/v1 plugin wants a tmpfs there with the named systemd hierarchy,
             # enough with proctrack/linuxproc); unshare --uts: its own hostname. All exec: the recorded pid is slurmd's.
@@ -243,7 +248,8 @@ class EmulatedSlurm(LocalSlurm):
                 'mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd && '
                 'hostname "$0" && exec "$1" -D -N "$0"', name, slurmd,
             ])  # fmt: skip
-        for i, name in enumerate(self.node_names):
+        for i in nodes:
+            name = self.node_names[i]
             self._wait_for(f"slurmd-{name}", lambda i=i: _reachable(self.node_addr(i), self.ports["slurmd"]),
                            timeout, self.slurmd_log(name))
 
@@ -273,6 +279,24 @@ class EmulatedSlurm(LocalSlurm):
                 self._watchdog.kill()
                 self._watchdog.wait(timeout=5)
             self._watchdog = None
+
+    def restart_node(self, index: int, timeout: float = 60.0) -> None:
+        """Start a killed node's slurmd again; it is back in the partition once slurmctld sees it (ReturnToService=2)."""
+        old = self._procs.get(f"slurmd-{self.node_names[index]}")
+        if old is not None:
+            old.poll()  # reap the killed one
+        self._start_slurmd(timeout, nodes=[index])
+        name = self.node_names[index]
+
+        def idle() -> bool:
+            r = self.run("sinfo", "-h", "-n", name, "-o", "%t", timeout=10, check=False)
+            return r.stdout.strip() == "idle"
+
+        deadline = time.monotonic() + timeout
+        while not idle():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not idle again within {timeout:.0f} s")
+            time.sleep(0.5)
 
     def kill_node(self, index: int) -> list[int]:
         """A node dies: its slurmd and every process in its namespace are SIGKILLed. Returns their pids."""

@@ -154,6 +154,7 @@ def sbatch_example(cluster, tmp_path: Path, out: Path, *overrides: str, env: dic
 
 def run_reference(cluster, tmp_path: Path) -> dict[int, dict]:
     """The uninterrupted sbatch run of the preemption config; its final weights go to REFERENCE."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "run"
     before = cluster.link_bytes()
     job_id = sbatch_example(cluster, tmp_path, out, *EPOCHS)
@@ -198,6 +199,11 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm2, tmp_path):
         assert slurm2.job_state(job_id) in ("", "PENDING", "RUNNING"), job_logs(tmp_path, "slurm-*.out")
         time.sleep(0.5)
     slurm2.run("scancel", "--signal=USR1", job_id, timeout=15)
+    # SLURM holds a requeued job back (its begin time is set ~2 minutes ahead); release it at once
+    while not (restarts(slurm2, job_id) == 1 and slurm2.job_state(job_id) == "PENDING"):
+        assert time.monotonic() < deadline, f"job {job_id} not requeued\n{job_logs(tmp_path, 'slurm-*.out')}"
+        time.sleep(0.5)
+    slurm2.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", timeout=15, check=False)
     state = slurm2.wait_job(job_id, timeout=2 * JOB_TIMEOUT)
     log = job_logs(tmp_path, "slurm-*.out", tail=100_000)
     diagnostics = f"job {job_id} {state}\n{log[-6000:]}"
@@ -230,3 +236,52 @@ def test_a_wrong_gloo_interface_fails_fast_naming_the_interfaces(slurm2, tmp_pat
     assert "fcnet0 (10.78." in log and "lo (127.0.0.1/8)" in log and "fcmgmt0 (10.79.2.2/24)" in log, log[-4000:]
     assert not list((tmp_path / "run").glob("ranks/*.json"))  # nobody trained
     print(f"\nGLOO_SOCKET_IFNAME=doesnotexist: job {job_id} {state} in {elapsed:.1f} s")
+
+
+STALL_TIMEOUT = 20
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_a_dead_node_fails_the_job_naming_the_lost_ranks(slurm2, tmp_path):
+    """Acceptance 5 (last in the module: node1 is restarted afterwards): node1's slurmd and ranks are SIGKILLed
+    mid-training; node0's ranks fail within the stall timeout naming a rank of node1, and the Hydra submitit
+    launcher returns the failed job instead of waiting."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    sweep = tmp_path / "multirun"
+    overrides = [*(o for o in TINY if not o.startswith("trainer.max_steps")), "trainer.max_steps=200", "trainer.max_epochs=1000", "trainer.max_epochs=1000",
+                 "+trainer.limit_val_batches=1", "global_batch_size=8", f"strategy.stall_timeout={STALL_TIMEOUT}"]
+    cmd = [str(FIRECAFFE_TRAIN), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.partition=debug", f"hydra.sweep.dir={sweep}",
+           "trainer.num_nodes=2", "trainer.devices=2", *overrides]
+    t0 = time.monotonic()
+    before = slurm2.link_bytes()["node1"]["tx_bytes"]
+    with open(tmp_path / "hydra.out", "w") as out, open(tmp_path / "hydra.err", "w") as err:
+        hydra = subprocess.Popen(cmd, env=job_env(slurm2), cwd=tmp_path, stdout=out, stderr=err)
+    try:
+        # training has run a few steps once node1 has sent more than the gradients of two steps
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while slurm2.link_bytes()["node1"]["tx_bytes"] - before < 2 * 30_000_000:
+            assert hydra.poll() is None, (tmp_path / "hydra.err").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no training traffic from node1\n{job_logs(sweep, '*_log.*')}"
+            time.sleep(0.5)
+        killed_at = time.monotonic()
+        assert slurm2.kill_node(1)  # its slurmd, slurmstepd and both ranks
+        rc = hydra.wait(timeout=JOB_TIMEOUT)
+        returned_after = time.monotonic() - killed_at
+    finally:
+        if hydra.poll() is None:
+            hydra.kill()
+            hydra.wait(timeout=10)
+            slurm2.run("scancel", "--user=root", timeout=10, check=False)
+    stderr = (tmp_path / "hydra.err").read_text(errors="replace")
+    logs = job_logs(sweep, "*_log.out", "*_log.err", tail=20_000)
+    diagnostics = f"rc={rc}\n{stderr[-3000:]}\n{logs[-6000:]}"
+    assert rc != 0 and "UncompletedJobError" in stderr, diagnostics
+    assert "NODE_FAIL" in stderr or "FAILED" in stderr, diagnostics
+    # the survivors on node0 named a lost rank (2 or 3, node1's) within the stall timeout
+    stalls = [line for line in logs.splitlines() if "PeerStallError" in line or "FireCaffe all-reduce on rank" in line]
+    assert any(f"rank {lost}" in line for line in stalls for lost in (2, 3)), diagnostics
+    assert not list(sweep.glob("0/ranks/*.json"))
+    slurm2.restart_node(1)  # leave the cluster whole
+    print(f"\ndead node: survivors failed, launcher returned {returned_after:.1f} s after the kill "
+          f"(stall timeout {STALL_TIMEOUT} s, SlurmdTimeout {slurm2.slurmd_timeout} s); {time.monotonic() - t0:.1f} s")

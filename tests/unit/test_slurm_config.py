@@ -25,7 +25,7 @@ def test_one_node_conf_is_localhost():
     assert [line for line in lines if line.startswith("NodeName")] == [
         "NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN"]
     assert "SlurmctldPort=7001" in lines and "SlurmdPort=7002" in lines and "AccountingStoragePort=7003" in lines
-    assert "JobRequeue=1" in lines  # Lightning-style requeue (scontrol requeue) is allowed
+    assert "JobRequeue=0" in lines  # only jobs submitted with --requeue come back (a node failure fails the rest)
 
 
 def test_several_nodes_keep_their_slurmd_files_apart():
