@@ -15,7 +15,9 @@ continue as if uninterrupted. At ``at="epoch"`` the resumed run is bitwise the u
 loaders start each epoch afresh (same algorithms; ``data.persistent_workers=false`` for the shard loaders,
 whose persistent workers carry state across epochs that no checkpoint holds). At ``at="step"`` (the default: it meets any signal lead time) weights, optimizer and
 step count are exact, but an iterable dataset restarts its epoch's stream (Lightning cannot skip into it).
-Outside SLURM the callback does nothing.
+The flag's all-reduce (once per step or epoch) runs on a group of its own whose timeout is the strategy's
+``stall_timeout``: a peer that dies there fails the step within that deadline (with gloo's error, which does
+not name the rank as FireCaffe's all-reduce does). Outside SLURM the callback does nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import random
 import signal
 import subprocess
 import time
+from datetime import timedelta
 from typing import Any, Optional
 
 import numpy as np
@@ -60,6 +63,7 @@ class RequeueOnSignal(Callback):
         self._active = False
         self._rank = 0
         self._rng_states: Optional[list] = None  # every rank's generators, gathered just before the checkpoint
+        self._group: Any = None  # the flag's own group, with the strategy's stall deadline
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # only a flag: the main thread may be anywhere
         self.received = True
@@ -72,6 +76,9 @@ class RequeueOnSignal(Callback):
         self._previous = signal.signal(self.signal, self._on_signal)
         self._active = True
         self._rank = trainer.global_rank
+        if dist.is_available() and dist.is_initialized():  # every rank gets here: group creation matches
+            deadline = float(getattr(trainer.strategy, "stall_timeout", 60.0))
+            self._group = dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=deadline))
         log.info(
             "[rank %d] preemption: on %s the job checkpoints at the next %s end and requeues (job %s)",
             trainer.global_rank, self.signal.name, self.at, os.environ.get("SLURM_JOB_ID"),
@@ -110,8 +117,11 @@ class RequeueOnSignal(Callback):
 
     def _agreed(self, trainer: Trainer) -> bool:
         """Whether any rank got the signal: the same answer on every rank at the same boundary."""
-        flag = torch.tensor(float(self.received), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="max") > 0)
+        flag = torch.tensor([float(self.received)], device=trainer.strategy.root_device)
+        if self._group is None:
+            return bool(flag.item() > 0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)  # a dead peer: an error within the deadline
+        return bool(flag.item() > 0)
 
     def _maybe_requeue(self, trainer: Trainer) -> None:
         if not self._active or not self._agreed(trainer):
