@@ -10,6 +10,12 @@
 # SLURM_LOCALID, SLURM_NODEID) and refuses a mismatch. The srun line below derives both overrides from
 # the allocation, so changing the two #SBATCH lines (or the sbatch command line) is enough.
 #
+# Preemption (a preemptible partition, or `scancel --signal=USR1 <job>`): SLURM sends SIGUSR1 120 s ahead,
+# every rank checkpoints at the next step (callbacks.requeue.at=epoch: at the next epoch end, for a bitwise-exact
+# resume) into the run directory, the job requeues itself and the restarted job resumes from there. This needs
+# the --signal, --requeue and --open-mode lines below, and a fixed run directory (hydra.run.dir=...: the
+# default one is named after the job id and step, the same across a requeue).
+#
 # Set FIRECAFFE_TRAIN to run another command, e.g. FIRECAFFE_TRAIN="python -m lightning_firecaffe.train".
 # Keep the job name: Lightning ignores SLURM when the job is named "bash" or "interactive".
 #
@@ -19,6 +25,9 @@
 #SBATCH --cpus-per-task=1
 #SBATCH --time=01:00:00
 #SBATCH --output=slurm-%x-%j.out
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 
 set -euo pipefail
 

@@ -30,6 +30,7 @@ from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .comm.schedules import algorithm_names, auto_candidates, get_algorithm, on_register
 from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
+from .network import configure_gloo_interface, needs_gloo_interface
 from .options import is_int, require, require_choice
 from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
 from .watchdog.monitor import kill_children
@@ -331,6 +332,9 @@ class FireCaffeStrategy(DDPStrategy):
 
     @override
     def setup_environment(self) -> None:
+        # gloo's interface: the one routing to MASTER_ADDR, or a clear error for a wrong GLOO_SOCKET_IFNAME
+        if needs_gloo_interface(self._get_process_group_backend(), self.world_size):
+            configure_gloo_interface(self.cluster_environment.main_address, announce=self.local_rank == 0)
         super().setup_environment()
         # Before the checkpoint is restored (Lightning restores callbacks before strategy.setup), so that
         # CommTelemetry's state - auto's choices - comes back with it.

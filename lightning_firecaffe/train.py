@@ -15,8 +15,10 @@ objects the configs name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import sys
 import time
 import warnings
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, read_write
 
@@ -115,12 +118,32 @@ class RankReport(Callback):
             "global_step": trainer.global_step,
             "comm_hook": hook,
             "bytes_sent": stats.totals.bytes_sent if stats is not None else None,
+            # what the gradient all-reduce ran with: bucket bytes -> algorithm, ranks per node (two_level)
+            "algorithms": {str(k): v for k, v in sorted(stats.algorithms.items())} if stats is not None else None,
+            "ranks_per_node": _ranks_per_node(trainer.strategy),
+            "weights_sha256": _weights_digest(pl_module),  # bitwise comparisons between runs
+            "gradient_bytes": sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad),
+            "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+            "hostname": socket.gethostname(),
             "pid": os.getpid(),
             **{f"slurm_{k.lower()}": os.environ.get(f"SLURM_{k}") for k in ("JOB_ID", "PROCID", "NTASKS", "LOCALID")},
         }
         os.makedirs(self.directory, exist_ok=True)
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(facts, f, indent=1)
+
+
+def _weights_digest(module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _ranks_per_node(strategy) -> int | None:
+    state = getattr(strategy, "_hook_state", None)
+    return state.selector.link.ranks_per_node if state is not None else None
 
 
 def _metric(metrics: dict, key: str) -> float | None:

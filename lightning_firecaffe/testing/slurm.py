@@ -39,7 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from .ranks import free_port
 
@@ -143,6 +144,76 @@ def _wait_quietly(predicate: Callable[[], bool], timeout: float, poll: float = 0
     return True
 
 
+@dataclass(frozen=True)
+class SlurmNode:
+    """One slurmd: its SLURM node name, the address slurmctld reaches it at, its hardware line."""
+
+    name: str
+    addr: str
+    hardware: str
+
+
+def compose_slurm_conf(
+    state_dir: Path, ports: dict, munge_socket: Path, nodes: Sequence[SlurmNode], controller_addr: Optional[str] = None,
+    slurmd_timeout: int = 300,
+) -> str:
+    """slurm.conf for a private cluster of ``nodes`` (one slurmd each, all in one default partition).
+
+    slurmd's spool, pid and log paths carry ``%n`` (the node name), so several slurmd on one machine keep
+    apart; ``controller_addr`` is where the nodes (and clients) reach slurmctld when that is not localhost;
+    ``slurmd_timeout``: seconds without an answer before slurmctld declares a node DOWN (and fails its jobs).
+    ``JobRequeue=0``: a job is requeued only if submitted with ``--requeue`` (preemption, see
+    ``examples/sbatch_firecaffe.sh``); otherwise a node failure fails it (NODE_FAIL) and launchers report it,
+    where SLURM's default (1) would requeue it and leave them waiting for the node to return.
+    """
+    if not nodes:
+        raise ValueError("a SLURM cluster needs at least one node")
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"node names must be unique, got {names}")
+    d = Path(state_dir)
+    auth = f"AuthType=auth/munge\nAuthInfo=socket={munge_socket}\n"
+    ctld_addr = f"SlurmctldAddr={controller_addr}\n" if controller_addr else ""
+    node_lines = "".join(f"NodeName={n.name} NodeAddr={n.addr} {n.hardware} State=UNKNOWN\n" for n in nodes)
+    return f"""# written by lightning_firecaffe.testing.slurm; removed by `down`
+ClusterName={CLUSTER_NAME}
+SlurmctldHost=localhost
+{ctld_addr}SlurmctldPort={ports['slurmctld']}
+SlurmdPort={ports['slurmd']}
+SlurmUser=root
+SlurmdUser=root
+{auth}CredType=cred/munge
+StateSaveLocation={d / 'spool' / 'ctld'}
+SlurmdSpoolDir={d / 'spool' / 'd' / '%n'}
+SlurmctldPidFile={d / 'run' / 'slurmctld.pid'}
+SlurmdPidFile={d / 'run' / 'slurmd-%n.pid'}
+SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
+SlurmdLogFile={d / 'log' / 'slurmd-%n.log'}
+PlugStackConfig={d / 'etc' / 'plugstack.conf'}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+EnforcePartLimits=ALL
+MpiDefault=none
+ReturnToService=2
+JobRequeue=0
+MailProg=/bin/true
+KillWait=2
+SlurmdTimeout={slurmd_timeout}
+InactiveLimit=0
+MinJobAge=300
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort={ports['slurmdbd']}
+AccountingStoragePass={munge_socket}
+JobCompType=jobcomp/none
+{node_lines}PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
 class LocalSlurm:
     """A one-node SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd) in a private state dir.
 
@@ -179,6 +250,17 @@ class LocalSlurm:
     @property
     def munge_socket(self) -> Path:
         return self._p("munge", "munge.socket.2")
+
+    # What a subclass changes for several nodes (testing/slurm_cluster.py): the nodes, where slurmctld is
+    # reached, how each slurmd starts and how its port is checked.
+    controller_addr: Optional[str] = None
+    slurmd_timeout = 300
+
+    def slurm_nodes(self, hardware: str) -> list[SlurmNode]:
+        return [SlurmNode(NODE_NAME, "127.0.0.1", hardware)]
+
+    def slurmd_log(self, node: str) -> Path:
+        return self._p("log", f"slurmd-{node}.log")
 
     def env(self, base: Optional[dict] = None) -> dict:
         """Environment for clients (sbatch, srun, sinfo, sacct, submitit): ``SLURM_CONF`` set, sbin on PATH."""
@@ -240,42 +322,10 @@ class LocalSlurm:
         (self._p("ports.json")).write_text(json.dumps(self.ports))
         hw = self._node_hardware()
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
-        slurm_conf = f"""# written by lightning_firecaffe.testing.slurm; removed by `down`
-ClusterName={CLUSTER_NAME}
-SlurmctldHost=localhost
-SlurmctldPort={self.ports['slurmctld']}
-SlurmdPort={self.ports['slurmd']}
-SlurmUser=root
-SlurmdUser=root
-{auth}CredType=cred/munge
-StateSaveLocation={self._p('spool', 'ctld')}
-SlurmdSpoolDir={self._p('spool', 'd')}
-SlurmctldPidFile={self._p('run', 'slurmctld.pid')}
-SlurmdPidFile={self._p('run', 'slurmd.pid')}
-SlurmctldLogFile={self._p('log', 'slurmctld.log')}
-SlurmdLogFile={self._p('log', 'slurmd.log')}
-PlugStackConfig={self._p('etc', 'plugstack.conf')}
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-EnforcePartLimits=ALL
-MpiDefault=none
-ReturnToService=2
-MailProg=/bin/true
-KillWait=2
-InactiveLimit=0
-MinJobAge=300
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
-AccountingStoragePort={self.ports['slurmdbd']}
-AccountingStoragePass={self.munge_socket}
-JobCompType=jobcomp/none
-NodeName={NODE_NAME} NodeAddr=127.0.0.1 {hw} State=UNKNOWN
-PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
+        slurm_conf = compose_slurm_conf(
+            self.state_dir, self.ports, self.munge_socket, self.slurm_nodes(hw), self.controller_addr,
+            self.slurmd_timeout,
+        )
         self.slurm_conf.write_text(slurm_conf)
         # cgroups are not used (proctrack/linuxproc, task/none); the file only keeps slurmd from looking in /etc.
         self._p("etc", "cgroup.conf").write_text("CgroupAutomount=no\nConstrainCores=no\nConstrainRAMSpace=no\n")
@@ -399,15 +449,16 @@ StorageLoc=slurm_acct_db
         self._wait_for("slurmctld", lambda: _port_open(self.ports["slurmctld"]), timeout, self._p("log", "slurmctld.log"))
 
     def _start_slurmd(self, timeout: float) -> None:
+        self._p("spool", "d", NODE_NAME).mkdir(parents=True, exist_ok=True)
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE_NAME])
-        self._wait_for("slurmd", lambda: _port_open(self.ports["slurmd"]), timeout, self._p("log", "slurmd.log"))
+        self._wait_for("slurmd", lambda: _port_open(self.ports["slurmd"]), timeout, self.slurmd_log(NODE_NAME))
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
 
-        def node_idle() -> bool:
+        def node_idle() -> bool:  # every node
             r = self.run("sinfo", "-h", "-N", "-o", "%t", timeout=10, check=False)
-            return r.returncode == 0 and r.stdout.strip() == "idle"
+            return r.returncode == 0 and bool(r.stdout.split()) and set(r.stdout.split()) == {"idle"}
 
         def accounting() -> bool:
             r = self.run("sacctmgr", "-n", "-P", "show", "cluster", "format=cluster", timeout=10, check=False)
@@ -415,7 +466,7 @@ StorageLoc=slurm_acct_db
                 return False
             return self.run("sacct", "-n", "-X", "-a", timeout=10, check=False).returncode == 0
 
-        _wait("node idle in sinfo", node_idle, max(1.0, deadline - time.monotonic()), self._p("log", "slurmd.log"))
+        _wait("every node idle in sinfo", node_idle, max(1.0, deadline - time.monotonic()), self._p("log", "slurmctld.log"))
         _wait("accounting (sacct)", accounting, max(1.0, deadline - time.monotonic()), self._p("log", "slurmdbd.log"))
 
     # -------------------------------------------------------------------------------------- teardown
@@ -493,7 +544,8 @@ StorageLoc=slurm_acct_db
         # Then the daemons (they stop in well under a second once no job runs); SIGKILL after a short grace:
         # the cluster is disposable, its state directory is removed below.
         order = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]
-        self._stop([pids[n] for n in order if n in pids], min(3.0, timeout / 3), deadline)
+        daemons = [pids[n] for n in pids if n.startswith("slurmd-")] + [pids[n] for n in order if n in pids]
+        self._stop(daemons, min(3.0, timeout / 3), deadline)
         leftovers = [p for p in self._cluster_processes() if p != reaper]
         self._stop(leftovers, 0.0, deadline)
         if reaper and reaper != os.getpid() and _alive(reaper):

@@ -72,7 +72,7 @@ def test_packaged_configs_are_conf(tmp_path):
         "model": {"googlenet", "nin"},
         "data": {"imagenet", "demo"},
         "trainer": {"cpu", "gpu"},
-        "callbacks": {"default", "demo", "large_batch", "checkpoint", "lr_monitor", "progress_bar"},
+        "callbacks": {"default", "demo", "large_batch", "checkpoint", "lr_monitor", "progress_bar", "requeue"},
         "logger": {"csv", "tensorboard"},
         "experiment": {"paper_googlenet_1024", "paper_nin", "demo"},
         "hydra/launcher": {"submitit_slurm"},
@@ -88,7 +88,7 @@ def test_default_config_is_the_embedded_demo(tmp_path):
     assert cfg.data._target_.endswith("demo_datamodule")
     assert cfg.strategy._target_ == "lightning_firecaffe.FireCaffeStrategy"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
-    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar"}  # no LearningRateMonitor
+    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "requeue"}  # no LearningRateMonitor
     assert cfg.data.batch_size * cfg.trainer.devices == cfg.global_batch_size == 64
     # the demo's LR: 0.01 at batch 32, the only callback setting the run changes
     assert cfg.model.lr == 0.01
@@ -135,7 +135,7 @@ def test_logger_options_build_their_loggers(override, loggers, tmp_path):
 
 def test_lr_monitor_is_opt_in(tmp_path):
     cfg = compose_cfg(tmp_path, "callbacks=[demo,lr_monitor]")
-    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "lr_monitor"}
+    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "requeue", "lr_monitor"}
     assert cfg.callbacks.large_batch.reference_batch == 32
 
 
