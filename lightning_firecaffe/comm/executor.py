@@ -42,9 +42,12 @@ from .schedules import Op, Schedule, get_algorithm
 class PeerStallError(RuntimeError):
     """A peer did not answer within the stall timeout, or its connection broke (it probably died)."""
 
-    def __init__(self, message: str, peers: list[int]):
+    def __init__(self, message: str, peers: list[int] = ()):
         super().__init__(message)
-        self.peers = peers
+        self.peers = list(peers)
+
+    def __reduce__(self):  # pickles whole (spawn launcher, submitit results): the peers are not in ``args``
+        return type(self), (str(self), self.peers)
 
 
 @dataclass

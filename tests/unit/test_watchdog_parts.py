@@ -210,3 +210,13 @@ def test_the_rank_behind_a_slow_link_is_named_by_its_fastest_transfer():
     even = {k: fast for k in times}
     assert "no slow link" in link_report(even, 1 << 20)
     assert link_report({}, 1 << 20) is None
+
+
+def test_peer_stall_error_survives_pickling_with_its_peers():
+    """Launchers and submitit hand the user's exception back through pickle."""
+    import pickle
+
+    from lightning_firecaffe import PeerStallError
+
+    again = pickle.loads(pickle.dumps(PeerStallError("FireCaffe all-reduce on rank 0: rank 1 closed", [1])))
+    assert type(again) is PeerStallError and again.peers == [1] and "rank 1 closed" in str(again)

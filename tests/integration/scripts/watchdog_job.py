@@ -116,12 +116,12 @@ def inject_hook_fault() -> None:
 
     original = ScheduleExecutor.all_reduce_
 
-    def all_reduce_(self, buffer, schedule, *, bucket=0, step=0):
+    def all_reduce_(self, buffer, schedule, *, bucket=0, step=0, **options):
         if self.rank == args.fault_rank and step == args.at:
             mark("fault_at")
             raise PeerStallError(f"FireCaffe all-reduce on rank {self.rank}: injected fault in gradient bucket "
                                  f"{bucket} at training step {step}", [1 - self.rank])  # fmt: skip
-        return original(self, buffer, schedule, bucket=bucket, step=step)
+        return original(self, buffer, schedule, bucket=bucket, step=step, **options)
 
     ScheduleExecutor.all_reduce_ = all_reduce_
 
