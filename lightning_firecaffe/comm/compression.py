@@ -50,7 +50,7 @@ class WireFormat:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 WIRE_FORMATS: dict[str, WireFormat] = {
@@ -80,7 +80,7 @@ def wire_dtype_for(fmt: Optional[WireFormat], gradient_dtype: torch.dtype) -> Op
             f"applies to floating-point gradients only, not {gradient_dtype} (allowed: float32, float64; "
             "16-bit gradients travel as they are)",
         )  # fmt: skip
-    if torch.empty((), dtype=gradient_dtype).element_size() <= fmt.itemsize:
+    if gradient_dtype.itemsize <= fmt.itemsize:
         return None
     return fmt.dtype
 

@@ -50,11 +50,8 @@ def slowest_links(seconds: dict[tuple[int, int], float]) -> Optional[tuple[int, 
             continue
         for rank in (src, dst):
             per_rank[rank] = min(per_rank.get(rank, float("inf")), s)
-    if len(per_rank) < 2:
-        return None
-    rank = max(per_rank, key=per_rank.__getitem__)
-    others = statistics.median(s for r, s in per_rank.items() if r != rank)
-    return rank, per_rank[rank], per_rank[rank] / others if others > 0 else float("inf"), per_rank
+    found = slowest(per_rank)
+    return None if found is None else (*found, per_rank)
 
 
 def link_report(seconds: dict[tuple[int, int], float], nbytes: int) -> Optional[str]:
