@@ -28,7 +28,10 @@ from PIL import Image
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     import skimage.data
 
-    photos = [getattr(skimage.data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")]
+    photos = [
+        getattr(skimage.data, name)()
+        for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina")
+    ]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -89,8 +92,16 @@ class PillowTrainTransform:
 def time_pipeline(pattern: str, n_images: int, size: int, batch: int, transform=None, fast: bool = False) -> float:
     from lightning_firecaffe.data import ImageNetShards
 
-    dm = ImageNetShards(train_shards=pattern, batch_size=batch, num_workers=0, image_size=size,
-                        train_samples=n_images, num_classes=1000, fast_decode=fast, shuffle_buffer=100)
+    dm = ImageNetShards(
+        train_shards=pattern,
+        batch_size=batch,
+        num_workers=0,
+        image_size=size,
+        train_samples=n_images,
+        num_classes=1000,
+        fast_decode=fast,
+        shuffle_buffer=100,
+    )
     loader = dm.train_dataloader()
     if transform is not None:
         loader.stream.transform = transform
@@ -121,25 +132,35 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # per core
     jpegs = make_jpegs(args.images)
     small = resized(jpegs)
-    print(f"{len(jpegs)} JPEGs: ImageNet-sized 500x375 mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB, "
-          f"pre-resized 341x256 mean {np.mean([len(j) for j in small]) / 1e3:.0f} kB; one thread, no workers")
+    print(
+        f"{len(jpegs)} JPEGs: ImageNet-sized 500x375 mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB, "
+        f"pre-resized 341x256 mean {np.mean([len(j) for j in small]) / 1e3:.0f} kB; one thread, no workers"
+    )
     with tempfile.TemporaryDirectory() as folder:
-        sets = {"ImageNet-sized": write_shards(jpegs, folder, "full"), "pre-resized 256": write_shards(small, folder, "small")}
+        sets = {
+            "ImageNet-sized": write_shards(jpegs, folder, "full"),
+            "pre-resized 256": write_shards(small, folder, "small"),
+        }
         print(f"{'images/s per core':<22}{'ours':>8}{'ours/fast':>11}{'pillow':>9}{'ratio':>7}{'decode':>8}")
         for name, pattern in sets.items():
             best = {}
             for _ in range(args.repeats):  # interleaved repeats, best of: shared machines are noisy
                 runs = {
-                    "ours": lambda: time_pipeline(pattern, args.images, args.size, args.batch),
-                    "fast": lambda: time_pipeline(pattern, args.images, args.size, args.batch, fast=True),
-                    "pillow": lambda: time_pipeline(pattern, args.images, args.size, args.batch,
-                                                    transform=PillowTrainTransform(args.size)),
-                    "decode": lambda: time_decode(jpegs if name == "ImageNet-sized" else small),
+                    "ours": lambda pattern=pattern: time_pipeline(pattern, args.images, args.size, args.batch),
+                    "fast": lambda pattern=pattern: time_pipeline(
+                        pattern, args.images, args.size, args.batch, fast=True
+                    ),
+                    "pillow": lambda pattern=pattern: time_pipeline(
+                        pattern, args.images, args.size, args.batch, transform=PillowTrainTransform(args.size)
+                    ),
+                    "decode": lambda name=name: time_decode(jpegs if name == "ImageNet-sized" else small),
                 }
                 for key, run in runs.items():
                     best[key] = max(best.get(key, 0.0), run())
-            print(f"{name:<22}{best['ours']:>8.0f}{best['fast']:>11.0f}{best['pillow']:>9.0f}"
-                  f"{best['ours'] / best['pillow']:>6.2f}x{best['decode']:>8.0f}")
+            print(
+                f"{name:<22}{best['ours']:>8.0f}{best['fast']:>11.0f}{best['pillow']:>9.0f}"
+                f"{best['ours'] / best['pillow']:>6.2f}x{best['decode']:>8.0f}"
+            )
     return 0
 
 

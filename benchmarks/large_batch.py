@@ -32,8 +32,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_firecaffe import FireCaffeStrategy
 from lightning_firecaffe.callbacks import LargeBatchScaling
 
-WIRES = {"fp32": {}, "bf16": {"compression": "bf16"}, "fp16": {"compression": "fp16"},
-         "bf16_feedback": {"compression": "bf16", "compression_error_feedback": True}}
+WIRES = {
+    "fp32": {},
+    "bf16": {"compression": "bf16"},
+    "fp16": {"compression": "fp16"},
+    "bf16_feedback": {"compression": "bf16", "compression_error_feedback": True},
+}
 
 
 def load_digits_split(seed: int = 0, test_fraction: float = 0.2):
@@ -55,9 +59,13 @@ class DigitsCNN(pl.LightningModule):
         super().__init__()
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 10),
         )
 
     def forward(self, x):
@@ -68,8 +76,7 @@ class DigitsCNN(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 @torch.no_grad()
@@ -83,12 +90,20 @@ def run(batch: int, rule: str, warmup: float, args, train, test, seed: int, wire
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(TensorDataset(*train), batch_size=batch // args.devices, shuffle=True, drop_last=False)
     model = DigitsCNN(lr=args.base_lr)
-    cb = LargeBatchScaling(rule=rule, reference_batch=args.ref_batch, warmup=warmup, unit="epoch",
-                           decay="poly", power=0.5, verbose=False)
+    cb = LargeBatchScaling(
+        rule=rule, reference_batch=args.ref_batch, warmup=warmup, unit="epoch", decay="poly", power=0.5, verbose=False
+    )
     strategy = "auto" if args.devices == 1 else FireCaffeStrategy(start_method="fork", **WIRES[wire])
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs, callbacks=[cb], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, loader)
     peak = cb.lr_plan.peak_lr if cb.lr_plan is not None else float("nan")  # built in the ranks (fork)
@@ -106,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing small CPUs)")
     p.add_argument("--devices", type=int, default=1, help="ranks; 2 or more train with FireCaffeStrategy")
-    p.add_argument("--wires", default="fp32", help=f"with --devices >= 2: how gradients travel, from {', '.join(WIRES)}")
+    p.add_argument(
+        "--wires", default="fp32", help=f"with --devices >= 2: how gradients travel, from {', '.join(WIRES)}"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -119,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         (f"{args.rule}+warmup", big, args.rule, args.warmup),
         ("none", big, "none", 0.0),
     ]
-    print(f"digits: {len(train[1])} train / {len(test[1])} test images; {args.epochs} epochs; "
-          f"reference batch {args.ref_batch} at LR {args.base_lr:g}; large batch {big} ({args.factor}x)")
+    print(
+        f"digits: {len(train[1])} train / {len(test[1])} test images; {args.epochs} epochs; "
+        f"reference batch {args.ref_batch} at LR {args.base_lr:g}; large batch {big} ({args.factor}x)"
+    )
     wires = [w for w in args.wires.split(",") if w]
     if any(w not in WIRES for w in wires) or (args.devices == 1 and wires != ["fp32"]):
         raise SystemExit(f"--wires: choose from {', '.join(WIRES)} (anything but fp32 needs --devices >= 2)")
@@ -134,12 +153,17 @@ def main(argv: list[str] | None = None) -> None:
                 accs.append(acc)
             results[name, wire] = accs
             spread = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-            print(f"{name:>14} {wire:>13}: batch {batch:4d}  warm-up {warmup:g} ep  "
-                  f"top-1 {statistics.mean(accs):6.2f} +- {spread:.2f}  (seeds: "
-                  f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{name:>14} {wire:>13}: batch {batch:4d}  warm-up {warmup:g} ep  "
+                f"top-1 {statistics.mean(accs):6.2f} +- {spread:.2f}  (seeds: "
+                f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     for wire in wires:
         small, scaled, none = (statistics.mean(results[c[0], wire]) for c in configs)
-        print(f"[{wire}] {configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points")
+        print(
+            f"[{wire}] {configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points"
+        )
     for wire in wires[1:]:
         gaps = [statistics.mean(results[c[0], wire]) - statistics.mean(results[c[0], wires[0]]) for c in configs]
         print(f"{wire} - {wires[0]}: " + ", ".join(f"{c[0]} {g:+.2f}" for c, g in zip(configs, gaps)) + " points")

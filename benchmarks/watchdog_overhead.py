@@ -42,8 +42,10 @@ def worker(args) -> int:
 
         def train_dataloader(self):
             g = torch.Generator().manual_seed(0)
-            return DataLoader(TensorDataset(torch.randn(4096, 64, generator=g), torch.randint(0, 10, (4096,), generator=g)),
-                              batch_size=16)  # fmt: skip
+            return DataLoader(
+                TensorDataset(torch.randn(4096, 64, generator=g), torch.randint(0, 10, (4096,), generator=g)),
+                batch_size=16,
+            )
 
     class Clock(Callback):
         watchdog_cpu_per_s = None
@@ -60,13 +62,27 @@ def worker(args) -> int:
 
     seed_everything(0)
     clock = Clock()
-    trainer = Trainer(accelerator="cpu", devices=2, max_steps=args.steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
-                      strategy=FireCaffeStrategy(algorithm=args.algorithm, watchdog=args.watchdog == "on"))  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+        strategy=FireCaffeStrategy(algorithm=args.algorithm, watchdog=args.watchdog == "on"),
+    )
     trainer.fit(Net())
     if trainer.global_rank == 0:
-        Path(args.out).write_text(json.dumps({"steps_per_s": (args.steps - args.skip) / (clock.end - clock.start),
-                                              "watchdog_cpu_per_s": clock.watchdog_cpu_per_s}))  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "steps_per_s": (args.steps - args.skip) / (clock.end - clock.start),
+                    "watchdog_cpu_per_s": clock.watchdog_cpu_per_s,
+                }
+            )
+        )
     return 0
 
 
@@ -111,8 +127,21 @@ def main() -> int:
         for rep in range(args.repeats):
             for mode in ("off", "on"):  # alternate, so drifting machine load hits both alike
                 out = Path(tmp) / f"{mode}-{rep}.json"
-                cmd = [sys.executable, __file__, "--worker", "--watchdog", mode, "--out", str(out),
-                       "--steps", str(args.steps), "--skip", str(args.skip), "--algorithm", args.algorithm]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--watchdog",
+                    mode,
+                    "--out",
+                    str(out),
+                    "--steps",
+                    str(args.steps),
+                    "--skip",
+                    str(args.skip),
+                    "--algorithm",
+                    args.algorithm,
+                ]
                 subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
                 run = json.loads(out.read_text())
                 results[mode].append(run["steps_per_s"])
@@ -121,14 +150,18 @@ def main() -> int:
                 print(f"run {rep + 1}/{args.repeats} watchdog {mode:>3}: {results[mode][-1]:7.1f} steps/s", flush=True)
     off, on = statistics.median(results["off"]), statistics.median(results["on"])
     cpu = statistics.median(cpu_per_s)
-    print(f"\n2 ranks, loopback, algorithm={args.algorithm}, {args.steps - args.skip} timed steps per run, "
-          f"median of {args.repeats} runs:")  # fmt: skip
+    print(
+        f"\n2 ranks, loopback, algorithm={args.algorithm}, {args.steps - args.skip} timed steps per run, "
+        f"median of {args.repeats} runs:"
+    )
     print(f"  watchdog off: {off:7.1f} steps/s ({1e3 / off:.2f} ms/step)")
     print(f"  watchdog on:  {on:7.1f} steps/s ({1e3 / on:.2f} ms/step)   ratio on/off {on / off:.3f}")
     hooks = hooks_cost_us()
-    print(f"  measured in-process, independent of machine load: phase beats {hooks:.1f} us per step "
-          f"({hooks * 1e-3 * off / 10:.3f} % of a watchdog-off step); watchdog thread {cpu * 1e3:.2f} ms CPU per "
-          f"second of training ({cpu * 100:.3f} % of one core)")  # fmt: skip
+    print(
+        f"  measured in-process, independent of machine load: phase beats {hooks:.1f} us per step "
+        f"({hooks * 1e-3 * off / 10:.3f} % of a watchdog-off step); watchdog thread {cpu * 1e3:.2f} ms CPU per "
+        f"second of training ({cpu * 100:.3f} % of one core)"
+    )
     return 0
 
 

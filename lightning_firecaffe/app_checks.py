@@ -128,8 +128,11 @@ def _warmups(built: Built) -> list[tuple[str, Any]]:
     """``(config key, callback)`` of every LargeBatchScaling with a warm-up, as the callback resolved it."""
     from .callbacks import LargeBatchScaling
 
-    return [(f"callbacks.{name}", cb) for name, cb in built.callbacks.items()
-            if isinstance(cb, LargeBatchScaling) and cb.warmup]
+    return [
+        (f"callbacks.{name}", cb)
+        for name, cb in built.callbacks.items()
+        if isinstance(cb, LargeBatchScaling) and cb.warmup
+    ]
 
 
 def _warmup_limit_problems(cfg: DictConfig, built: Built) -> list[str]:

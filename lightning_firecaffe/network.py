@@ -20,8 +20,8 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, MutableMapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def check_interface_names(value: str, interfaces: Sequence[Interface], node: str
 
 
 def choose_interface(
-    interfaces: Sequence[Interface], master_ip: str, route_source: Optional[str] = None, node: str = "this node"
+    interfaces: Sequence[Interface], master_ip: str, route_source: str | None = None, node: str = "this node"
 ) -> Interface:
     """The interface this node should use to talk to the master at ``master_ip``.
 
@@ -96,7 +96,7 @@ def choose_interface(
 _SIOCGIFADDR, _SIOCGIFNETMASK = 0x8915, 0x891B
 
 
-def _ioctl_ipv4(sock: socket.socket, request: int, name: str) -> Optional[str]:
+def _ioctl_ipv4(sock: socket.socket, request: int, name: str) -> str | None:
     try:
         packed = fcntl.ioctl(sock.fileno(), request, struct.pack("256s", name.encode()[:15]))
     except OSError:  # no IPv4 address on this interface
@@ -116,7 +116,7 @@ def list_interfaces() -> list[Interface]:
     return found
 
 
-def route_source(destination_ip: str) -> Optional[str]:
+def route_source(destination_ip: str) -> str | None:
     """The source address the kernel picks for ``destination_ip`` (a UDP connect sends nothing)."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -130,7 +130,9 @@ def resolve_ipv4(host: str) -> str:
     try:
         return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
     except (socket.gaierror, IndexError) as exc:
-        raise NetworkInterfaceError(f"MASTER_ADDR {host!r} does not resolve to an IPv4 address on this node: {exc}") from None
+        raise NetworkInterfaceError(
+            f"MASTER_ADDR {host!r} does not resolve to an IPv4 address on this node: {exc}"
+        ) from None
 
 
 def configure_gloo_interface(
@@ -153,8 +155,14 @@ def configure_gloo_interface(
     if announce:
         log.info(
             "FireCaffe: gloo uses interface %s on %s: it routes to MASTER_ADDR %s (%s); interfaces: %s. "
-            "Set %s to choose another.", chosen, node, master_addr, master_ip, describe(interfaces), ENV_VAR,
-        )  # fmt: skip
+            "Set %s to choose another.",
+            chosen,
+            node,
+            master_addr,
+            master_ip,
+            describe(interfaces),
+            ENV_VAR,
+        )
     return chosen.name
 
 

@@ -9,7 +9,8 @@ check is written twice.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 class InvalidOption(ValueError):

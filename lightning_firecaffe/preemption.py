@@ -29,7 +29,7 @@ import signal
 import subprocess
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class RequeueOnSignal(Callback):
         self._previous: Any = None
         self._active = False
         self._rank = 0
-        self._rng_states: Optional[list] = None  # every rank's generators, gathered just before the checkpoint
+        self._rng_states: list | None = None  # every rank's generators, gathered just before the checkpoint
         self._group: Any = None  # the flag's own group, with the strategy's stall deadline
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # only a flag: the main thread may be anywhere
@@ -81,8 +81,11 @@ class RequeueOnSignal(Callback):
             self._group = dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=deadline))
         log.info(
             "[rank %d] preemption: on %s the job checkpoints at the next %s end and requeues (job %s)",
-            trainer.global_rank, self.signal.name, self.at, os.environ.get("SLURM_JOB_ID"),
-        )  # fmt: skip
+            trainer.global_rank,
+            self.signal.name,
+            self.at,
+            os.environ.get("SLURM_JOB_ID"),
+        )
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -100,8 +103,11 @@ class RequeueOnSignal(Callback):
         if not states:
             return
         if len(states) <= self._rank:
-            log.warning("preemption: the checkpoint holds random states of %d ranks, not of rank %d: not restored",
-                        len(states), self._rank)
+            log.warning(
+                "preemption: the checkpoint holds random states of %d ranks, not of rank %d: not restored",
+                len(states),
+                self._rank,
+            )
             return
         set_rng_state(states[self._rank])
 
@@ -134,8 +140,10 @@ class RequeueOnSignal(Callback):
             log.info("preemption: saved %s at step %d; requeueing SLURM job %s", path, trainer.global_step, job)
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
             if result.returncode != 0:
-                raise RuntimeError(f"`scontrol requeue {job}` failed ({result.returncode}): {result.stderr.strip()} "
-                                   "(submit with --requeue, or JobRequeue=1 in slurm.conf)")
+                raise RuntimeError(
+                    f"`scontrol requeue {job}` failed ({result.returncode}): {result.stderr.strip()} "
+                    "(submit with --requeue, or JobRequeue=1 in slurm.conf)"
+                )
         trainer.strategy.barrier("firecaffe_requeue")
         _wait_to_be_stopped(self.stop_timeout)
 
@@ -174,7 +182,7 @@ def _job_id() -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
-def _wait_to_be_stopped(timeout: float, poll: Optional[float] = 0.5) -> None:
+def _wait_to_be_stopped(timeout: float, poll: float | None = 0.5) -> None:
     """SLURM stops the job (SIGTERM, then SIGKILL after KillWait); training must not go on meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,8 @@ from .comm.tuner import AutoTuner
 from .network import configure_gloo_interface, needs_gloo_interface
 from .options import is_int, require, require_choice
 from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
-from .watchdog.monitor import kill_children
 from .watchdog.errors import unwrap_hook_error, with_watchdog_view
+from .watchdog.monitor import kill_children
 from .watchdog.verdict import bad_allowances, merge_allowances
 
 log = logging.getLogger(__name__)
@@ -96,74 +97,101 @@ class FireCaffeStrategy(DDPStrategy):
 
     def __init__(
         self,
-        accelerator: Optional[Any] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[Any] = None,
-        checkpoint_io: Optional[Any] = None,
-        precision_plugin: Optional[Any] = None,
-        ddp_comm_state: Optional[object] = None,
-        ddp_comm_hook: Optional[Callable] = None,
-        ddp_comm_wrapper: Optional[Callable] = None,
-        model_averaging_period: Optional[int] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        accelerator: Any | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any | None = None,
+        checkpoint_io: Any | None = None,
+        precision_plugin: Any | None = None,
+        ddp_comm_state: object | None = None,
+        ddp_comm_hook: Callable | None = None,
+        ddp_comm_wrapper: Callable | None = None,
+        model_averaging_period: int | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
         start_method: str = "popen",
         *,
         algorithm: str = "auto",
         arity: int = 2,
         chunk_bytes: int = 1 << 20,
         stall_timeout: float = 60.0,
-        link: Union[LinkModel, str, None] = None,
+        link: LinkModel | str | None = None,
         auto_repetitions: int = 2,
-        compression: Optional[str] = None,
+        compression: str | None = None,
         compression_error_feedback: bool = False,
         watchdog: bool = True,
         stall_action: str = "fail",
-        stall_grace: Optional[float] = None,
-        stall_allowance: Optional[dict[str, float]] = None,
+        stall_grace: float | None = None,
+        stall_allowance: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
         require(is_int(arity) and arity >= 2, _OWNER, "arity", arity, "must be an integer >= 2 (2 = binary tree)")
         require(
-            is_int(chunk_bytes) and chunk_bytes > 0, _OWNER, "chunk_bytes", chunk_bytes,
+            is_int(chunk_bytes) and chunk_bytes > 0,
+            _OWNER,
+            "chunk_bytes",
+            chunk_bytes,
             "must be a positive integer number of bytes",
-        )  # fmt: skip
+        )
         require(
-            isinstance(stall_timeout, (int, float)) and not isinstance(stall_timeout, bool)
-            and math.isfinite(stall_timeout) and stall_timeout > 0,
-            _OWNER, "stall_timeout", stall_timeout, "must be a positive, finite number of seconds",
-        )  # fmt: skip
+            isinstance(stall_timeout, (int, float))
+            and not isinstance(stall_timeout, bool)
+            and math.isfinite(stall_timeout)
+            and stall_timeout > 0,
+            _OWNER,
+            "stall_timeout",
+            stall_timeout,
+            "must be a positive, finite number of seconds",
+        )
         require(
-            link is None or link == "measure" or isinstance(link, LinkModel), _OWNER, "link", link,
+            link is None or link == "measure" or isinstance(link, LinkModel),
+            _OWNER,
+            "link",
+            link,
             "must be a LinkModel, 'measure' or None",
-        )  # fmt: skip
+        )
         require_choice(_OWNER, "start_method", start_method, _START_METHODS)
         require(isinstance(watchdog, bool), _OWNER, "watchdog", watchdog, "must be True or False")
         require_choice(_OWNER, "stall_action", stall_action, ACTIONS)
         require(
-            stall_grace is None or (isinstance(stall_grace, (int, float)) and not isinstance(stall_grace, bool)
-                                    and math.isfinite(stall_grace) and stall_grace >= 0),
-            _OWNER, "stall_grace", stall_grace, "must be None or a finite number of seconds >= 0",
-        )  # fmt: skip
+            stall_grace is None
+            or (
+                isinstance(stall_grace, (int, float))
+                and not isinstance(stall_grace, bool)
+                and math.isfinite(stall_grace)
+                and stall_grace >= 0
+            ),
+            _OWNER,
+            "stall_grace",
+            stall_grace,
+            "must be None or a finite number of seconds >= 0",
+        )
         problem = bad_allowances(stall_allowance)
         require(problem is None, _OWNER, "stall_allowance", stall_allowance, problem or "")
         require(
-            is_int(auto_repetitions) and auto_repetitions >= 1, _OWNER, "auto_repetitions", auto_repetitions,
+            is_int(auto_repetitions) and auto_repetitions >= 1,
+            _OWNER,
+            "auto_repetitions",
+            auto_repetitions,
             "must be an integer >= 1",
-        )  # fmt: skip
+        )
         self.wire_format = check_compression(compression, compression_error_feedback)
         require(
             not (compression_error_feedback and algorithm != "auto" and get_algorithm(algorithm).collective),
-            _OWNER, "compression_error_feedback", compression_error_feedback,
+            _OWNER,
+            "compression_error_feedback",
+            compression_error_feedback,
             f"cannot be exact with algorithm={algorithm!r}: the backend's all-reduce adds in 16 bits, out of the "
             "feedback's reach (pick a scheduled algorithm, or auto, which then skips it)",
-        )  # fmt: skip
+        )
         for option, value in (("ddp_comm_hook", ddp_comm_hook), ("ddp_comm_state", ddp_comm_state)):
             require(
-                value is None, _OWNER, option, value,
+                value is None,
+                _OWNER,
+                option,
+                value,
                 "is not supported: the strategy installs its own comm hook (use strategy='ddp' for a custom hook)",
-            )  # fmt: skip
+            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -184,17 +212,17 @@ class FireCaffeStrategy(DDPStrategy):
         self.link = link or LinkModel()
         self.tunes = algorithm == "auto" and link is None  # measure the candidates on the real buckets
         self.auto_repetitions = auto_repetitions
-        self.measured_link: Optional[LinkModel] = None
+        self.measured_link: LinkModel | None = None
         self.restored_choices: dict[int, str] = {}  # from a checkpoint: bucket bytes -> algorithm
         self.compression = compression
         self.compression_error_feedback = compression_error_feedback
-        self.restored_compression: Optional[dict] = None  # from a checkpoint: scale and every rank's residual
+        self.restored_compression: dict | None = None  # from a checkpoint: scale and every rank's residual
         self.comm_stats = CommStats()
-        self._hook_state: Optional[FireCaffeHookState] = None
+        self._hook_state: FireCaffeHookState | None = None
         self.watchdog_enabled, self.stall_action = watchdog, stall_action
         self.stall_grace = self.stall_timeout / 2 if stall_grace is None else float(stall_grace)
         self.stall_allowance = merge_allowances(stall_allowance)
-        self.watchdog: Optional[Watchdog] = None  # the running one, in the process that trains
+        self.watchdog: Watchdog | None = None  # the running one, in the process that trains
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -210,26 +238,36 @@ class FireCaffeStrategy(DDPStrategy):
         ranks_per_node = max(1, self.num_processes)
         if self.link == "measure":
             rank = dist.get_rank(group)
-            self.measured_link = link = measure_link(rank, world_size, ranks_per_node, group=group, device=self.root_device)
+            self.measured_link = link = measure_link(
+                rank, world_size, ranks_per_node, group=group, device=self.root_device
+            )
             if rank_zero_only.rank == 0:
                 log.info(
                     "FireCaffe: measured links %.2f Gbit/s, %.0f us latency; `auto` picks algorithms for them",
-                    link.bandwidth_Bps * 8 / 1e9, link.latency_s * 1e6,
-                )  # fmt: skip
+                    link.bandwidth_Bps * 8 / 1e9,
+                    link.latency_s * 1e6,
+                )
         else:
             link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
         candidates = None
         if self.compression_error_feedback:  # feedback is exact only where sums accumulate in fp32
             eligible = auto_candidates(world_size, link.ranks_per_node)
             candidates = tuple(a for a in eligible if not get_algorithm(a).collective)
-        selector = ScheduleSelector(self.algorithm, world_size, self.arity, self.chunk_bytes, link, candidates=candidates)
+        selector = ScheduleSelector(
+            self.algorithm, world_size, self.arity, self.chunk_bytes, link, candidates=candidates
+        )
         if self.tunes:
             restored = {n: a for n, a in self.restored_choices.items() if candidates is None or a in candidates}
             selector.tuner = AutoTuner.restored(
-                restored, world_size=world_size, link=link, fallback=selector.model_choice,
-                arity=self.arity, chunk_bytes=self.chunk_bytes, repetitions=self.auto_repetitions,
+                restored,
+                world_size=world_size,
+                link=link,
+                fallback=selector.model_choice,
+                arity=self.arity,
+                chunk_bytes=self.chunk_bytes,
+                repetitions=self.auto_repetitions,
                 candidates=candidates,
-            )  # fmt: skip
+            )
         compression = self._build_compression(dist.get_rank(group), world_size)
         self._hook_state = FireCaffeHookState(
             group=group,
@@ -254,7 +292,7 @@ class FireCaffeStrategy(DDPStrategy):
         module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         return tuple((name, p.numel()) for name, p in module.named_parameters() if p.requires_grad)
 
-    def _build_compression(self, rank: int, world_size: int) -> Optional[GradientCompression]:
+    def _build_compression(self, rank: int, world_size: int) -> GradientCompression | None:
         """The wire format with its state, restored from a checkpoint when there is one."""
         if self.wire_format is None:
             return None
@@ -271,11 +309,12 @@ class FireCaffeStrategy(DDPStrategy):
                 log.warning(
                     "FireCaffe: the checkpoint's error-feedback residuals are from %d ranks, this run has %d; "
                     "starting without them (at most one step's rounding is not carried over)",
-                    saved["world_size"], world_size,
-                )  # fmt: skip
+                    saved["world_size"],
+                    world_size,
+                )
         return compression
 
-    def compression_state(self) -> Optional[dict]:
+    def compression_state(self) -> dict | None:
         """What checkpoints keep of compression: fp16's scale and, with error feedback, every rank's
         residual (a collective: every rank calls it while the checkpoint is assembled)."""
         state = self._hook_state
@@ -298,7 +337,7 @@ class FireCaffeStrategy(DDPStrategy):
         self,
         optimizer: Any,
         closure: Callable[[], Any],
-        model: Optional[Any] = None,
+        model: Any | None = None,
         **kwargs: Any,
     ) -> Any:
         """With fp16 on the wire, run the closure (backward and the all-reduce) first: if a bucket
@@ -314,8 +353,10 @@ class FireCaffeStrategy(DDPStrategy):
             log.warning(
                 "FireCaffe fp16 compression: gradient bucket(s) %s overflowed (inf/NaN after the all-reduce) at "
                 "training step %d; the optimizer step is skipped on every rank and the scale lowered to 2^%d",
-                ", ".join(map(str, overflowed)), step, int(math.log2(compression.scale.scale)),
-            )  # fmt: skip
+                ", ".join(map(str, overflowed)),
+                step,
+                int(math.log2(compression.scale.scale)),
+            )
             return result
         return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
 
@@ -359,10 +400,13 @@ class FireCaffeStrategy(DDPStrategy):
             trainer.callbacks.append(PhaseBeats())
         launcher = self._launcher
         self.watchdog = start_watchdog(
-            self.global_rank, self.world_size, Policy(self.stall_timeout, self.stall_allowance),
-            action=self.stall_action, grace_s=self.stall_grace,
+            self.global_rank,
+            self.world_size,
+            Policy(self.stall_timeout, self.stall_allowance),
+            action=self.stall_action,
+            grace_s=self.stall_grace,
             launched_ranks=lambda: [p.pid for p in getattr(launcher, "procs", [])],
-        )  # fmt: skip
+        )
         beat("setup", "setup")
 
     @override
@@ -376,8 +420,7 @@ class FireCaffeStrategy(DDPStrategy):
                 raise
             if self.watchdog is not None:
                 error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
-            error.__suppress_context__ = True
-            raise error
+            raise error from error.__cause__
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -385,7 +428,7 @@ class FireCaffeStrategy(DDPStrategy):
         self._failed_with = exception  # teardown tells the other ranks, and stops launched ranks that hang
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 

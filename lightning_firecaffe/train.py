@@ -233,7 +233,9 @@ def _summary(trainer, output_dir: str, fit_s: float, metrics: dict[str, float]) 
         "communication": _comm_summary(trainer),
         "loggers": {type(lg).__name__: os.path.abspath(lg.log_dir) for lg in trainer.loggers if lg.log_dir},
         "checkpoints": os.path.abspath(checkpoint.dirpath) if checkpoint and checkpoint.dirpath else None,
-        "best_checkpoint": os.path.abspath(checkpoint.best_model_path) if checkpoint and checkpoint.best_model_path else None,
+        "best_checkpoint": os.path.abspath(checkpoint.best_model_path)
+        if checkpoint and checkpoint.best_model_path
+        else None,
     }
 
 
@@ -262,7 +264,10 @@ def report(s: dict[str, Any]) -> str:
     for name, path in s["loggers"].items():
         lines.append(f"  logs ({name}): {path}")
     if s["checkpoints"]:
-        lines.append(f"  checkpoints: {s['checkpoints']}" + (f"  (best: {os.path.basename(s['best_checkpoint'])})" if s["best_checkpoint"] else ""))
+        lines.append(
+            f"  checkpoints: {s['checkpoints']}"
+            + (f"  (best: {os.path.basename(s['best_checkpoint'])})" if s["best_checkpoint"] else "")
+        )
     return "\n".join(lines)
 
 

@@ -31,8 +31,14 @@ class StripeNet(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 4),
         )
 
     def training_step(self, batch, batch_idx):
@@ -61,14 +67,23 @@ def main() -> None:
     seed_everything(0)
     trainer = Trainer(
         strategy=args.strategy,  # <- the one line that changes: "ddp" -> "firecaffe"
-        accelerator="cpu", devices=args.devices, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=args.devices,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
         enable_model_summary=False,
     )
-    trainer.fit(StripeNet(), DataLoader(stripes(2048), batch_size=32, shuffle=True),
-                DataLoader(stripes(512, seed=1), batch_size=64))
+    trainer.fit(
+        StripeNet(),
+        DataLoader(stripes(2048), batch_size=32, shuffle=True),
+        DataLoader(stripes(512, seed=1), batch_size=64),
+    )
     if trainer.is_global_zero:
-        print(f"strategy={args.strategy} ({type(trainer.strategy).__name__}): "
-              f"val_acc {float(trainer.callback_metrics['val_acc']):.3f} on {trainer.world_size} processes")
+        print(
+            f"strategy={args.strategy} ({type(trainer.strategy).__name__}): "
+            f"val_acc {float(trainer.callback_metrics['val_acc']):.3f} on {trainer.world_size} processes"
+        )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     comm = sub.add_parser("comm", help="time every all-reduce algorithm vs dist.all_reduce")
     comm.add_argument("--world-sizes", default="2,4", help="comma-separated, e.g. 2,4,8")
     comm.add_argument("--sizes", default="4KB,1MB,25MB", help="message sizes, e.g. 1KB,1MB,25MB")
-    comm.add_argument("--algorithms", default="all", help=f"'all' or a list from auto,{','.join(algorithm_names())},dist.all_reduce")
+    comm.add_argument(
+        "--algorithms", default="all", help=f"'all' or a list from auto,{','.join(algorithm_names())},dist.all_reduce"
+    )
     comm.add_argument("--reps", type=int, default=5)
     comm.add_argument("--arity", type=int, default=2)
     comm.add_argument("--chunk", default="1MiB", help="chunk size of the pipelined algorithms")
@@ -128,14 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
         "1gbit; needs root). Added latency cannot be emulated on this kernel (no netem). Default: loopback",
     )
     comm.add_argument("--ranks-per-host", type=int, default=1)
-    comm.add_argument("--compression", default=None, choices=["bf16", "fp16"],
-                      help="every algorithm sends 16-bit values; adds a row for torch's compress hook on torch DDP")
+    comm.add_argument(
+        "--compression",
+        default=None,
+        choices=["bf16", "fp16"],
+        help="every algorithm sends 16-bit values; adds a row for torch's compress hook on torch DDP",
+    )
     comm.add_argument("--timeout", type=float, default=600)
     comm.add_argument("--out", default="bench_results")
     comm.set_defaults(fn=cmd_comm)
 
     plan = sub.add_parser("plan", help="predict communication, speedup and efficiency on a cluster")
-    plan.add_argument("--model", default="googlenet", help="a registered model (see --help of train), package.module:Class or #parameters")
+    plan.add_argument(
+        "--model",
+        default="googlenet",
+        help="a registered model (see --help of train), package.module:Class or #parameters",
+    )
     plan.add_argument("--gpus", type=int, default=128)
     plan.add_argument("--gpus-per-node", type=int, default=1)
     plan.add_argument("--images-per-s", type=float, default=300.0, help="training images/s of one GPU")

@@ -8,9 +8,10 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _comm_rank(spec: dict[str, Any]) -> dict[str, Any]:
@@ -29,7 +30,10 @@ def measure_on_cluster(spec, world_size: int, rate: str, ranks_per_host: int, ti
     hosts = math.ceil(world_size / ranks_per_host)
     with EmulatedCluster(hosts=hosts, rate=rate, ranks_per_host=ranks_per_host) as cluster:
         results = cluster.run(
-            "lightning_firecaffe.bench.cluster_runs:_comm_rank", args=(asdict(spec),), world_size=world_size, timeout=timeout
+            "lightning_firecaffe.bench.cluster_runs:_comm_rank",
+            args=(asdict(spec),),
+            world_size=world_size,
+            timeout=timeout,
         )
     return results[0].value
 

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from ..comm.calibration import measure_link
 from ..comm.compression import rounding_bound, wire_format
-from ..comm.hook import ScheduleSelector
 from ..comm.cost_model import LinkModel, predict
 from ..comm.executor import ScheduleExecutor
+from ..comm.hook import ScheduleSelector
 from ..comm.schedules import algorithm_names
 from ..comm.tuner import AutoTuner
 from ..units import human_bytes

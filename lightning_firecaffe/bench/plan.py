@@ -9,8 +9,8 @@ all-reducing the gradients in DDP-sized buckets. With overlap, communication hid
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..comm.cost_model import LinkModel, predict
 from ..comm.schedules import algorithm_names
@@ -65,7 +65,12 @@ def plan_point(workload: Workload, algorithm: str, gpus: int, batch_per_gpu: int
 
 
 def plan_table(
-    workload: Workload, gpus: int, link: LinkModel, batches: Iterable[int], algorithms: Iterable[str] | None = None, **kw
+    workload: Workload,
+    gpus: int,
+    link: LinkModel,
+    batches: Iterable[int],
+    algorithms: Iterable[str] | None = None,
+    **kw,
 ) -> list[Prediction]:
     """One row per (algorithm, per-GPU batch); every registered algorithm unless ``algorithms`` is given."""
     return [plan_point(workload, a, gpus, b, link, **kw) for a in (algorithms or algorithm_names()) for b in batches]

@@ -25,7 +25,6 @@ from ..models import build_model
 from .train_worker import SyntheticImages, add_workload_arguments
 
 
-
 def bf16_hook_on_any_backend(state, bucket):
     """torch's ``bf16_compress_hook``, unchanged; only its name differs, because DDP refuses to register a
     hook *named* ``bf16_compress_hook`` without CUDA and NCCL, although it runs on gloo (gloo all-reduces
@@ -63,11 +62,20 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         step = statistics.median(times)
         world = dist.get_world_size()
-        Path(args.out).write_text(json.dumps({
-            "strategy": "torch DDP" + (f"+{args.hook}_compress_hook" if HOOKS[args.hook] else ""), "world_size": world, "step_s": step,
-            "steps_per_s": 1 / step, "images_per_s": world * args.batch / step, "exposed_share": None,
-            "gradient_bytes": sum(q.numel() * q.element_size() for q in model.parameters()), "algorithms": {},
-        }))  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "strategy": "torch DDP" + (f"+{args.hook}_compress_hook" if HOOKS[args.hook] else ""),
+                    "world_size": world,
+                    "step_s": step,
+                    "steps_per_s": 1 / step,
+                    "images_per_s": world * args.batch / step,
+                    "exposed_share": None,
+                    "gradient_bytes": sum(q.numel() * q.element_size() for q in model.parameters()),
+                    "algorithms": {},
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -19,24 +19,38 @@ from ..testing.ranks import run_launcher_script
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algorithms", default="all",
-                        help=f"firecaffe algorithms to compare with ddp: 'all' (auto and every registered algorithm) "
-                             f"or a list from auto,{','.join(algorithm_names())} ('auto:measure' = auto picking by "
-                             "the cost model under links timed at start-up, without tuning)")
+    parser.add_argument(
+        "--algorithms",
+        default="all",
+        help=f"firecaffe algorithms to compare with ddp: 'all' (auto and every registered algorithm) "
+        f"or a list from auto,{','.join(algorithm_names())} ('auto:measure' = auto picking by "
+        "the cost model under links timed at start-up, without tuning)",
+    )
     from ..models import model_names
 
     parser.add_argument("--model", default="nin", help=f"a registered model: {', '.join(model_names())}")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="per rank")
     parser.add_argument("--steps", type=int, default=15, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=10,
-                        help="untimed steps first (auto measures its candidates in steps 1-8 by default)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed steps first (auto measures its candidates in steps 1-8 by default)",
+    )
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--hosts-rate", default=None,
-                        help="run on an emulated cluster with one rank per host and links shaped to this rate "
-                             "(e.g. 1gbit; needs root). Default: loopback")
-    parser.add_argument("--compression", default=None, choices=["bf16", "fp16"],
-                        help="firecaffe rows send 16-bit gradients; adds torch DDP + its own compress hook")
+    parser.add_argument(
+        "--hosts-rate",
+        default=None,
+        help="run on an emulated cluster with one rank per host and links shaped to this rate "
+        "(e.g. 1gbit; needs root). Default: loopback",
+    )
+    parser.add_argument(
+        "--compression",
+        default=None,
+        choices=["bf16", "fp16"],
+        help="firecaffe rows send 16-bit gradients; adds torch DDP + its own compress hook",
+    )
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--out", default="bench_results")
 
@@ -47,14 +61,32 @@ TORCH_HOOK = "torch_ddp_hook"  # the strategy name of the plain-torch-DDP row
 def _worker_args(args: argparse.Namespace, strategy: str, algorithm: str, out: str) -> list[str]:
     """The worker module and its arguments for one configuration (Lightning's, or plain torch DDP's)."""
     common = [
-        "--model", args.model, "--image-size", str(args.image_size), "--batch", str(args.batch),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out,
-    ]  # fmt: skip
+        "--model",
+        args.model,
+        "--image-size",
+        str(args.image_size),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--out",
+        out,
+    ]
     if strategy == TORCH_HOOK:
         return ["-m", "lightning_firecaffe.bench.torch_ddp_worker", "--hook", algorithm, *common]
     compression = ["--compression", args.compression] if strategy == "firecaffe" and args.compression else []
-    return ["-m", "lightning_firecaffe.bench.train_worker", "--strategy", strategy, "--algorithm", algorithm,
-            *compression, *common]  # fmt: skip
+    return [
+        "-m",
+        "lightning_firecaffe.bench.train_worker",
+        "--strategy",
+        strategy,
+        "--algorithm",
+        algorithm,
+        *compression,
+        *common,
+    ]
 
 
 def run_one_local(args: argparse.Namespace, strategy: str, algorithm: str) -> dict:
@@ -88,13 +120,17 @@ def run_train_bench(args: argparse.Namespace) -> int:
         print(f"  {result['strategy']:<30} {result['steps_per_s']:.2f} steps/s", flush=True)
     base = results[0]["images_per_s"]
     where = f"emulated cluster, {args.hosts_rate} links" if args.hosts_rate else "loopback"
-    print(f"\n{args.model} {args.image_size}px, {args.batch}/rank, {args.world_size} ranks, {where}; "
-          f"gradients {results[0]['gradient_bytes'] / 1e6:.1f} MB")  # fmt: skip
+    print(
+        f"\n{args.model} {args.image_size}px, {args.batch}/rank, {args.world_size} ranks, {where}; "
+        f"gradients {results[0]['gradient_bytes'] / 1e6:.1f} MB"
+    )
     print(f"{'strategy':<30} {'steps/s':>8} {'images/s':>9} {'vs ddp':>7} {'exposed comm':>16}")
     for r in results:
         share = f"{100 * r['exposed_share']:.0f}%" if r["exposed_share"] is not None else "-"
-        print(f"{r['strategy']:<30} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
-              f"{r['images_per_s'] / base:>7.2f} {share:>16}")  # fmt: skip
+        print(
+            f"{r['strategy']:<30} {r['steps_per_s']:>8.2f} {r['images_per_s']:>9.1f} "
+            f"{r['images_per_s'] / base:>7.2f} {share:>16}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").write_text(json.dumps({"where": where, "results": results}, indent=2))

@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     algorithm, _, link = args.algorithm.partition(":")  # "auto:measure" = auto with measured links
-    strategy = "ddp" if args.strategy == "ddp" else FireCaffeStrategy(
-        algorithm=algorithm, link=link or None, compression=args.compression
+    strategy = (
+        "ddp"
+        if args.strategy == "ddp"
+        else FireCaffeStrategy(algorithm=algorithm, link=link or None, compression=args.compression)
     )
     timer = StepTimer(args.warmup)
     trainer = Trainer(
@@ -112,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         exposed = [s.exposed_s for s in list(stats.history)[args.warmup :]] if stats else []
         step = statistics.median(timer.times)
         result = {
-            "strategy": args.strategy if args.strategy == "ddp" else f"firecaffe:{args.algorithm}"
-            + (f"+{args.compression}" if args.compression else ""),
+            "strategy": args.strategy
+            if args.strategy == "ddp"
+            else f"firecaffe:{args.algorithm}" + (f"+{args.compression}" if args.compression else ""),
             "world_size": trainer.world_size,
             "step_s": step,
             "steps_per_s": 1 / step,

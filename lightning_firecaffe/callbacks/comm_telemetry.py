@@ -39,11 +39,11 @@ class CommTelemetry(Callback):
             self.strategy.restored_compression = state_dict.get("compression")
 
     @staticmethod
-    def _stats(trainer: "pl.Trainer"):
+    def _stats(trainer: pl.Trainer):
         return getattr(trainer.strategy, "comm_stats", None)
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         stats = self._stats(trainer)
         if stats is None or stats.completed_steps == self._logged_steps:
             return  # no new optimizer step (e.g. accumulating gradients)
@@ -68,7 +68,7 @@ class CommTelemetry(Callback):
                 pl_module.log(f"firecaffe/auto_ms/{nbytes}", float(row["measured_ms"]), on_step=True, on_epoch=False)
 
     @override
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats = self._stats(trainer)
         if stats is not None:
             rank_zero_info(stats.summary(getattr(trainer.strategy, "algorithm", "?")))

@@ -9,7 +9,8 @@ arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wir
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -110,9 +111,21 @@ class LargeBatchScaling(Callback):
         verbose: bool | None = None,
     ) -> None:
         explicit = dict(
-            rule=rule, reference_batch=reference_batch, base_lr=base_lr, warmup=warmup, unit=unit, decay=decay,
-            power=power, step_size=step_size, gamma=gamma, momentum=momentum, weight_decay=weight_decay,
-            lars=lars, lars_eta=lars_eta, log_name=log_name, verbose=verbose,
+            rule=rule,
+            reference_batch=reference_batch,
+            base_lr=base_lr,
+            warmup=warmup,
+            unit=unit,
+            decay=decay,
+            power=power,
+            step_size=step_size,
+            gamma=gamma,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lars=lars,
+            lars_eta=lars_eta,
+            log_name=log_name,
+            verbose=verbose,
         )
         settings = _checked(resolve_settings(preset, explicit, type(self).__name__), type(self).__name__)
         self.preset = preset
@@ -147,7 +160,11 @@ class LargeBatchScaling(Callback):
             return
         # Fail fast on a warm-up that cannot fit, before any data is loaded.
         check_warmup_fits(
-            self.warmup, self.unit, max_epochs=trainer.max_epochs, max_steps=trainer.max_steps, owner=type(self).__name__
+            self.warmup,
+            self.unit,
+            max_epochs=trainer.max_epochs,
+            max_steps=trainer.max_steps,
+            owner=type(self).__name__,
         )
         # A new fit starts from scratch; a checkpoint (restored after this hook) brings the state back.
         self.lr_plan = self.base_lrs = self.batch_layout = None
@@ -261,9 +278,16 @@ class LargeBatchScaling(Callback):
             step_size = max(1, self._to_iterations(self.step_size, "step_size"))
         try:
             return LRPlan(
-                base_lr=self.base_lrs[0], global_batch=global_batch, reference_batch=self.reference_batch,
-                max_iter=self._max_iter, rule=self.rule, warmup_iters=warmup_iters, decay=self.decay,
-                power=self.power, step_size=step_size, gamma=self.gamma,
+                base_lr=self.base_lrs[0],
+                global_batch=global_batch,
+                reference_batch=self.reference_batch,
+                max_iter=self._max_iter,
+                rule=self.rule,
+                warmup_iters=warmup_iters,
+                decay=self.decay,
+                power=self.power,
+                step_size=step_size,
+                gamma=self.gamma,
             )
         except ValueError as err:
             raise ValueError(f"LargeBatchScaling (warmup={self.warmup:g} {self.unit}s): {err}") from None

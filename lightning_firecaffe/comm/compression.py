@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -60,7 +60,7 @@ WIRE_FORMATS: dict[str, WireFormat] = {
 _CHOICES = ("None", *(repr(k) for k in WIRE_FORMATS))
 
 
-def wire_format(compression: Optional[str]) -> Optional[WireFormat]:
+def wire_format(compression: str | None) -> WireFormat | None:
     """The format for the ``compression`` option; ``InvalidOption`` naming the allowed values otherwise."""
     if compression is None:
         return None
@@ -69,24 +69,26 @@ def wire_format(compression: Optional[str]) -> Optional[WireFormat]:
     return WIRE_FORMATS[compression]
 
 
-def wire_dtype_for(fmt: Optional[WireFormat], gradient_dtype: torch.dtype) -> Optional[torch.dtype]:
+def wire_dtype_for(fmt: WireFormat | None, gradient_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a gradient of ``gradient_dtype`` travels in: ``None`` when it travels as it is (no
     compression, or already 16-bit); ``InvalidOption`` for a gradient that is not floating point."""
     if fmt is None:
         return None
     if not gradient_dtype.is_floating_point:
         raise InvalidOption(
-            _OWNER, "compression", fmt.name,
+            _OWNER,
+            "compression",
+            fmt.name,
             f"applies to floating-point gradients only, not {gradient_dtype} (allowed: float32, float64; "
             "16-bit gradients travel as they are)",
-        )  # fmt: skip
+        )
     if gradient_dtype.itemsize <= fmt.itemsize:
         return None
     return fmt.dtype
 
 
 def round_for_wire(
-    source: torch.Tensor, wire: torch.Tensor, residual: Optional[torch.Tensor] = None, keep: bool = True
+    source: torch.Tensor, wire: torch.Tensor, residual: torch.Tensor | None = None, keep: bool = True
 ) -> None:
     """Round ``source`` into ``wire`` (the bytes to send); ``residual`` (same length as ``source``)
     accumulates what the rounding lost. ``keep``: the rank keeps the rounded value in ``source`` too (needed
@@ -170,7 +172,7 @@ class ErrorFeedback:
             self._adopt(layout, flat)
         return flat
 
-    def state_dict(self, model_layout: BucketLayout) -> Optional[torch.Tensor]:
+    def state_dict(self, model_layout: BucketLayout) -> torch.Tensor | None:
         """All residuals as one flat tensor over ``model_layout`` (every parameter, in a fixed order; zeros
         where none is kept yet), or None when nothing is kept."""
         if not self._flat:
@@ -180,9 +182,7 @@ class ErrorFeedback:
     def load_state_dict(self, flat: torch.Tensor, layout: BucketLayout) -> None:
         """Restore from :meth:`state_dict`'s tensor; ``layout`` names its parameters in order."""
         if flat.numel() != sum(n for _, n in layout):
-            raise ValueError(
-                f"error-feedback state has {flat.numel()} elements, the model {sum(n for _, n in layout)}"
-            )
+            raise ValueError(f"error-feedback state has {flat.numel()} elements, the model {sum(n for _, n in layout)}")
         self._flat.clear()
         self._where.clear()
         self._adopt(layout, flat.detach().clone())
@@ -228,7 +228,7 @@ class GradientCompression:
         self._step_max = 0.0
         self._overflowed: list[int] = []
 
-    def begin(self, buffer: torch.Tensor, layout: Optional[BucketLayout]) -> "BucketCompression":
+    def begin(self, buffer: torch.Tensor, layout: BucketLayout | None) -> BucketCompression:
         """Prepare an averaged gradient bucket for the wire; returns what :meth:`finish` needs."""
         wire_dtype = wire_dtype_for(self.format, buffer.dtype)
         residual = None
@@ -243,7 +243,7 @@ class GradientCompression:
             buffer.mul_(scale)
         return BucketCompression(wire_dtype, residual, scale)
 
-    def finish(self, buffer: torch.Tensor, work: "BucketCompression", bucket: int) -> bool:
+    def finish(self, buffer: torch.Tensor, work: BucketCompression, bucket: int) -> bool:
         """After the all-reduce: False when fp16 overflowed (the bucket is zeroed and its residual dropped;
         the strategy skips the optimizer step)."""
         if work.wire_dtype is None:
@@ -290,19 +290,21 @@ class GradientCompression:
 class BucketCompression:
     """What one bucket's reduction carries from :meth:`GradientCompression.begin` to ``finish``."""
 
-    wire_dtype: Optional[torch.dtype]
-    residual: Optional[torch.Tensor]
+    wire_dtype: torch.dtype | None
+    residual: torch.Tensor | None
     scale: float
 
 
-def check_compression(compression: Any, error_feedback: Any) -> Optional[WireFormat]:
+def check_compression(compression: Any, error_feedback: Any) -> WireFormat | None:
     """The strategy's two options, checked together (``InvalidOption`` naming the option and the values)."""
     fmt = wire_format(compression)
     if not isinstance(error_feedback, bool):
         raise InvalidOption(_OWNER, "compression_error_feedback", error_feedback, "must be True or False")
     if error_feedback and fmt is None:
         raise InvalidOption(
-            _OWNER, "compression_error_feedback", error_feedback,
+            _OWNER,
+            "compression_error_feedback",
+            error_feedback,
             f"needs compression set to one of {', '.join(repr(k) for k in WIRE_FORMATS)}",
-        )  # fmt: skip
+        )
     return fmt

@@ -9,8 +9,9 @@ shares the node's single network link (so the two-level tree has something to wi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class LinkModel:
             raise ValueError(f"LinkModel.ranks_per_node must be >= 1, got {self.ranks_per_node}")
 
     @classmethod
-    def from_gbit(cls, gbit_per_s: float, latency_us: float = 30.0, ranks_per_node: int = 1) -> "LinkModel":
+    def from_gbit(cls, gbit_per_s: float, latency_us: float = 30.0, ranks_per_node: int = 1) -> LinkModel:
         return cls(latency_s=latency_us * 1e-6, bandwidth_Bps=gbit_per_s * 1e9 / 8, ranks_per_node=ranks_per_node)
 
 

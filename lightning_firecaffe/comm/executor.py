@@ -305,19 +305,30 @@ class ScheduleExecutor(LockstepRounds):
         self._calls += 1
         n = len(events)
         run = _Run(
-            layout, buffer, schedule, bucket, self._calls,
+            layout,
+            buffer,
+            schedule,
+            bucket,
+            self._calls,
             arenas={a: self._scratch_for(on_wire, size, a) for a, size in layout.arena_sizes.items()},
-            wire=wire, residual=residual,
-            missing=[len(e.after) for e in events], complete=[False] * n, arrived=[False] * n, posted=[False] * n,
-            round_left=list(layout.events_per_round), heads=[0] * len(layout.links),
-        )  # fmt: skip
+            wire=wire,
+            residual=residual,
+            missing=[len(e.after) for e in events],
+            complete=[False] * n,
+            arrived=[False] * n,
+            posted=[False] * n,
+            round_left=list(layout.events_per_round),
+            heads=[0] * len(layout.links),
+        )
         run.lowest_round = events[0].round_index  # rounds without live messages count as done
         self._post_ready(run)
         while run.done < n:
             try:
                 (call, index), exc = self._completions.get(timeout=self.stall_timeout + 30)
             except queue.Empty:
-                raise self._peer_error(self._awaited_peers(run), "waiting for any message", bucket, step, None) from None
+                raise self._peer_error(
+                    self._awaited_peers(run), "waiting for any message", bucket, step, None
+                ) from None
             if call != run.call:
                 continue  # left over from an earlier call that failed
             event = events[index]
@@ -442,15 +453,24 @@ class ScheduleExecutor(LockstepRounds):
     @staticmethod
     def _awaited_peers(run: _Run) -> list[int]:
         events = run.layout.plan.events
-        return sorted({e.message.peer for e in events if run.posted[e.index] and not run.complete[e.index]
-                       and not run.arrived[e.index]})  # fmt: skip
+        return sorted(
+            {
+                e.message.peer
+                for e in events
+                if run.posted[e.index] and not run.complete[e.index] and not run.arrived[e.index]
+            }
+        )
 
     # ------------------------------------------------------------------ errors
-    def _peer_error(self, peers: list[int], doing: str, bucket: int, step: int, exc: BaseException | None) -> PeerStallError:
+    def _peer_error(
+        self, peers: list[int], doing: str, bucket: int, step: int, exc: BaseException | None
+    ) -> PeerStallError:
         peers = sorted(set(peers) - {self.rank, -1})
         cause = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "timed out"
         closed = exc is not None and any(w in str(exc).lower() for w in ("closed", "reset", "broken", "eof"))
-        what = "closed its connection (it probably died)" if closed else f"did not answer within {self.stall_timeout:g} s"
+        what = (
+            "closed its connection (it probably died)" if closed else f"did not answer within {self.stall_timeout:g} s"
+        )
         names = ", ".join(f"rank {r}" for r in peers) or "a peer"
         return PeerStallError(
             f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {doing} "

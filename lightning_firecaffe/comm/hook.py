@@ -10,26 +10,26 @@ added, fp16 scale applied) and checked after it; algorithm choices are keyed by 
 (No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
 """
 
-
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..watchdog.progress import bucket_beat
 from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
 from .executor import PeerStallError, ScheduleExecutor
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner
-from ..watchdog.progress import bucket_beat
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +44,30 @@ class ScheduleSelector:
     arity: int = 2
     chunk_bytes: int = 1 << 20
     link: LinkModel = field(default_factory=LinkModel)
-    tuner: Optional[AutoTuner] = None
-    candidates: Optional[tuple[str, ...]] = None  # what ``auto`` may pick; None: the registry's
+    tuner: AutoTuner | None = None
+    candidates: tuple[str, ...] | None = None  # what ``auto`` may pick; None: the registry's
     _cache: dict = field(default_factory=dict, repr=False)
 
     def model_choice(self, nbytes: int) -> str:
         if nbytes not in self._cache:
             self._cache[nbytes] = best_algorithm(
-                nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes,
+                nbytes,
+                self.world_size,
+                self.link,
+                arity=self.arity,
+                chunk_bytes=self.chunk_bytes,
                 candidates=self.candidates,
-            )  # fmt: skip
+            )
         return self._cache[nbytes]
 
-    def runs_collective_inline(self, nbytes: int) -> Optional[str]:
+    def runs_collective_inline(self, nbytes: int) -> str | None:
         """The collective (backend all-reduce) algorithm this bucket size is settled on, if any: pinned, or
         chosen by ``auto``. Such buckets are launched straight from the hook, as DDP's own allreduce_hook
         does, so the backend overlaps them itself."""
         name = self.algorithm if self.algorithm != "auto" else self.settled(nbytes)
         return name if name is not None and get_algorithm(name).collective else None
 
-    def settled(self, nbytes: int) -> Optional[str]:
+    def settled(self, nbytes: int) -> str | None:
         """``auto``'s measured (or restored) choice for this size, if there is one yet."""
         return self.tuner.choice(nbytes) if self.tuner is not None else None
 
@@ -76,7 +80,7 @@ class ScheduleSelector:
             return self.tuner.algorithm_for(nbytes)
         return self.model_choice(nbytes)
 
-    def schedule_for(self, nbytes: int, algorithm: Optional[str] = None) -> Schedule:
+    def schedule_for(self, nbytes: int, algorithm: str | None = None) -> Schedule:
         return schedule_for_bytes(
             algorithm or self.algorithm_for(nbytes),
             nbytes,
@@ -122,7 +126,7 @@ class FireCaffeHookState:
     device: Any = "cpu"  # where the tuner's exchange tensor lives (the CUDA device on NCCL)
     stats: CommStats = field(default_factory=CommStats)
     current_step: Callable[[], int] = lambda: 0
-    compression: Optional[GradientCompression] = None  # 16-bit on the wire (with its scale and residuals)
+    compression: GradientCompression | None = None  # 16-bit on the wire (with its scale and residuals)
     parameter_names: dict = field(default_factory=dict)  # id(parameter) -> name, for error-feedback layouts
     _executor: ScheduleExecutor | None = field(default=None, repr=False)
     _worker: _FifoWorker | None = field(default=None, repr=False)
@@ -182,7 +186,7 @@ class FireCaffeHookState:
             return buffer.numel() * self.compression.format.itemsize
         return buffer.numel() * buffer.element_size()
 
-    def layout_of(self, bucket: dist.GradBucket) -> Optional[BucketLayout]:
+    def layout_of(self, bucket: dist.GradBucket) -> BucketLayout | None:
         """The bucket's parameters by name, in buffer order (error feedback follows parameters, not bucket
         indices, across DDP's bucket rebuilds); None without error feedback."""
         if self.compression is None or self.compression.error_feedback is None:
@@ -193,7 +197,7 @@ class FireCaffeHookState:
         return layout
 
     def reduce_bucket(
-        self, buffer: torch.Tensor, index: int, is_last: bool, step: int, layout: Optional[BucketLayout] = None
+        self, buffer: torch.Tensor, index: int, is_last: bool, step: int, layout: BucketLayout | None = None
     ) -> None:
         """Average ``buffer`` across ranks in place and record what it cost (and, while tuning, the time of
         the candidate that ran)."""
@@ -207,9 +211,13 @@ class FireCaffeHookState:
         prepared = self.compression.begin(buffer, layout) if self.compression is not None else None
         started = time.perf_counter()
         executor.all_reduce_(
-            buffer, schedule, bucket=index, step=step,
-            wire=prepared.wire_dtype if prepared else None, residual=prepared.residual if prepared else None,
-        )  # fmt: skip
+            buffer,
+            schedule,
+            bucket=index,
+            step=step,
+            wire=prepared.wire_dtype if prepared else None,
+            residual=prepared.residual if prepared else None,
+        )
         elapsed = time.perf_counter() - started
         if prepared is not None:
             self.compression.finish(buffer, prepared, index)
@@ -240,8 +248,9 @@ class FireCaffeHookState:
             except Exception as exc:
                 raise PeerStallError(
                     f"FireCaffe auto-tuning on rank {self.rank}: a peer did not join the exchange of measured "
-                    f"times within {self.stall_timeout:g} s at training step {step} (cause: {exc})", [],
-                ) from exc  # fmt: skip
+                    f"times within {self.stall_timeout:g} s at training step {step} (cause: {exc})",
+                    [],
+                ) from exc
             if ok is False:
                 raise PeerStallError(f"FireCaffe auto-tuning on rank {self.rank}: exchange timed out", [])
             return mine.cpu().tolist()
@@ -252,9 +261,10 @@ class FireCaffeHookState:
             fit = tuner.fitted_link()
             if fit is not None:
                 self.stats.fitted_link = {
-                    "gbit_per_s": fit[0].bandwidth_Bps * 8 / 1e9, "latency_us": fit[0].latency_s * 1e6,
+                    "gbit_per_s": fit[0].bandwidth_Bps * 8 / 1e9,
+                    "latency_us": fit[0].latency_s * 1e6,
                     "rms_error": fit[1],
-                }  # fmt: skip
+                }
             if self.rank == 0:
                 for row in self.stats.tuning:
                     if row["bytes"] in decided:
@@ -301,8 +311,15 @@ def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.
     return future
 
 
-def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorithm: str, index: int, is_last: bool,
-                       step: int, layout: Optional[BucketLayout] = None) -> torch.futures.Future[torch.Tensor]:
+def _launch_collective(
+    state: FireCaffeHookState,
+    buffer: torch.Tensor,
+    algorithm: str,
+    index: int,
+    is_last: bool,
+    step: int,
+    layout: BucketLayout | None = None,
+) -> torch.futures.Future[torch.Tensor]:
     """The backend's all-reduce, launched now from the backward thread like DDP's own hook; its group's
     timeout is the stall timeout, and a failure reads as a PeerStallError. With compression the backend
     reduces a 16-bit copy (its own, not the worker's staging buffer: both may be in flight at once)."""
@@ -324,13 +341,16 @@ def _launch_collective(state: FireCaffeHookState, buffer: torch.Tensor, algorith
             raise PeerStallError(
                 f"FireCaffe all-reduce on rank {state.rank}: the backend's all_reduce of gradient bucket {index} "
                 f"at training step {step} did not finish within {state.stall_timeout:g} s: a peer is stuck, dead "
-                f"or unreachable (cause: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})", [],
-            ) from exc  # fmt: skip
+                f"or unreachable (cause: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})",
+                [],
+            ) from exc
         if reduced is not buffer:
             buffer.copy_(reduced)
         if prepared is not None:
             state.compression.finish(buffer, prepared, index)
-        state.stats.bucket_done(sent, received, time.perf_counter() - started, is_last, saved=state._saved(buffer, sent))
+        state.stats.bucket_done(
+            sent, received, time.perf_counter() - started, is_last, saved=state._saved(buffer, sent)
+        )
         return buffer
 
     return work.get_future().then(finish)

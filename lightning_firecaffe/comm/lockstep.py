@@ -161,8 +161,14 @@ class LockstepRounds:
         return b.small and a.small and not _overlap(b.received_via_scratch, a.sent_or_written_in_place)
 
     def _post_round(
-        self, rnd: _Round, buffer: torch.Tensor, schedule: Schedule, bucket: int, only: str | None,
-        wire: Any = None, residual: Any = None,
+        self,
+        rnd: _Round,
+        buffer: torch.Tensor,
+        schedule: Schedule,
+        bucket: int,
+        only: str | None,
+        wire: Any = None,
+        residual: Any = None,
     ) -> None:
         """Post this round's messages not yet posted; ``only`` = "receives" (into scratch) or "sends" posts
         just those, early, while the previous round is still in flight."""

@@ -7,7 +7,7 @@ what it sends and keeps the rounded value (see :mod:`.compression`). Pricing liv
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .schedules import Schedule, ScheduleError, chunk_offsets, validate
 
 
 def simulate(
-    schedule: Schedule, buffers: Sequence[torch.Tensor], wire: Optional[torch.dtype] = None
+    schedule: Schedule, buffers: Sequence[torch.Tensor], wire: torch.dtype | None = None
 ) -> list[torch.Tensor]:
     """Run ``schedule`` on copies of ``buffers`` (1-D, equal length) and return every rank's result;
     messages travel in ``wire`` (a 16-bit dtype) when given."""
@@ -39,7 +39,7 @@ def simulate(
     return state
 
 
-def _sent(chunk: torch.Tensor, wire: Optional[torch.dtype]) -> torch.Tensor:
+def _sent(chunk: torch.Tensor, wire: torch.dtype | None) -> torch.Tensor:
     if wire is None:
         return chunk.clone()
     payload = chunk.to(wire)

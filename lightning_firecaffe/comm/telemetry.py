@@ -110,15 +110,21 @@ class CommStats:
             tuned = " auto measured: " + "; ".join(describe_choice(r) for r in self.tuning) + "."
             if self.fitted_link:
                 f = self.fitted_link
-                tuned += (f" Links fitted to it: {f['gbit_per_s']:.2f} Gbit/s, {f['latency_us']:.0f} us "
-                          f"(rms error {100 * f['rms_error']:.0f} %).")  # fmt: skip
+                tuned += (
+                    f" Links fitted to it: {f['gbit_per_s']:.2f} Gbit/s, {f['latency_us']:.0f} us "
+                    f"(rms error {100 * f['rms_error']:.0f} %)."
+                )
         wire = ""
         if self.wire_format:
-            wire = (f" Gradients travelled as {self.wire_format}: {per_step(t.bytes_saved) / 1e6:.2f} MB per step "
-                    "saved against full precision.")  # fmt: skip
+            wire = (
+                f" Gradients travelled as {self.wire_format}: {per_step(t.bytes_saved) / 1e6:.2f} MB per step "
+                "saved against full precision."
+            )
             if self.skipped_steps:
-                wire += (f" {len(self.skipped_steps)} optimizer step(s) skipped for fp16 overflow (steps "
-                         f"{', '.join(str(s) for s, _ in self.skipped_steps[:10])}).")  # fmt: skip
+                wire += (
+                    f" {len(self.skipped_steps)} optimizer step(s) skipped for fp16 overflow (steps "
+                    f"{', '.join(str(s) for s, _ in self.skipped_steps[:10])})."
+                )
         return (
             f"FireCaffe ({algorithm}): {t.steps} steps, buckets on the wire [{used}]; per step this rank sent "
             f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .cost_model import LinkModel, rank_algorithms, schedule_time
 from .schedules import get_algorithm, schedule_for_bytes
@@ -67,7 +67,7 @@ class AutoTuner:
     sizes: dict[int, SizeTrials] = field(default_factory=dict)
 
     @classmethod
-    def restored(cls, choices: dict[int, str], **kwargs) -> "AutoTuner":
+    def restored(cls, choices: dict[int, str], **kwargs) -> AutoTuner:
         """A tuner that starts with the choices of a checkpoint (no re-tuning for those sizes)."""
         tuner = cls(**kwargs)
         for nbytes, name in choices.items():
@@ -76,9 +76,13 @@ class AutoTuner:
 
     def candidates_for(self, nbytes: int) -> tuple[str, ...]:
         ranking = rank_algorithms(
-            nbytes, self.world_size, self.link, arity=self.arity, chunk_bytes=self.chunk_bytes,
+            nbytes,
+            self.world_size,
+            self.link,
+            arity=self.arity,
+            chunk_bytes=self.chunk_bytes,
             candidates=self.candidates,
-        )  # fmt: skip
+        )
         best = ranking[0][1] if ranking else 0.0
         kept = [name for name, t in ranking if not _is_collective(name) and t <= self.keep_within * best]
         collective = [name for name, _ in ranking if _is_collective(name)]
@@ -134,8 +138,11 @@ class AutoTuner:
                 trials.choice = self.fallback(n)
                 log.warning(
                     "FireCaffe auto: the measurement of %d-byte buckets is incomplete or invalid (%s); using the "
-                    "cost model's choice %s", n, trials.slowest_rank_ms, trials.choice,
-                )  # fmt: skip
+                    "cost model's choice %s",
+                    n,
+                    trials.slowest_rank_ms,
+                    trials.choice,
+                )
             else:
                 trials.choice = self._winner(trials.candidates, valid)
             decided[n] = trials.choice
@@ -163,11 +170,15 @@ class AutoTuner:
         for n, t in sorted(self.sizes.items()):
             # the best of the others: the choice need not be the fastest (a schedule must beat native by a margin)
             others = sorted((kv for kv in t.slowest_rank_ms.items() if kv[0] != t.choice), key=lambda kv: kv[1])
-            rows.append({
-                "bytes": n, "algorithm": t.choice, "measured_ms": t.slowest_rank_ms.get(t.choice or ""),
-                "runner_up": others[0][0] if others else None,
-                "runner_up_ms": others[0][1] if others else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "bytes": n,
+                    "algorithm": t.choice,
+                    "measured_ms": t.slowest_rank_ms.get(t.choice or ""),
+                    "runner_up": others[0][0] if others else None,
+                    "runner_up_ms": others[0][1] if others else None,
+                }
+            )
         return rows
 
     def fitted_link(self) -> tuple[LinkModel, float] | None:
@@ -217,8 +228,11 @@ def fit_link(rows: Sequence[tuple[float, float, float]], like: LinkModel) -> tup
     if inverse_bandwidth <= 0:
         return None
     fitted = LinkModel(
-        latency_s=latency, bandwidth_Bps=1.0 / inverse_bandwidth, ranks_per_node=like.ranks_per_node,
-        intra_latency_s=like.intra_latency_s, intra_bandwidth_Bps=like.intra_bandwidth_Bps,
-    )  # fmt: skip
+        latency_s=latency,
+        bandwidth_Bps=1.0 / inverse_bandwidth,
+        ranks_per_node=like.ranks_per_node,
+        intra_latency_s=like.intra_latency_s,
+        intra_bandwidth_Bps=like.intra_bandwidth_Bps,
+    )
     errors = [((r * latency + l * inverse_bandwidth) - t) / t for r, l, t in rows if t > 0]
     return fitted, math.sqrt(sum(e * e for e in errors) / len(errors))

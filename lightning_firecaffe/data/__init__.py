@@ -6,9 +6,20 @@ from .demo_set import DemoSet, build_demo_set, cache_dir, demo_datamodule
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, normalize
 
 __all__ = [
-    "CorruptSampleError", "DemoSet", "EpochLoader", "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD",
-    "ImageNetShards", "TrainTransform", "build_demo_set", "cache_dir", "count_samples", "demo_datamodule",
-    "normalize", "write_shards",
+    "CorruptSampleError",
+    "DemoSet",
+    "EpochLoader",
+    "EvalTransform",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageNetShards",
+    "TrainTransform",
+    "build_demo_set",
+    "cache_dir",
+    "count_samples",
+    "demo_datamodule",
+    "normalize",
+    "write_shards",
 ]
 
 

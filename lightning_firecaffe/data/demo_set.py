@@ -20,8 +20,16 @@ import numpy as np
 from PIL import Image
 
 PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-    "immunohistochemistry", "retina", "camera", "coins", "gravel",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "coins",
+    "gravel",
 )
 VERSION = "demo-v1"
 TRAIN_FRACTION = 0.7
@@ -70,7 +78,7 @@ def _crops(img: Image.Image, n: int, held_out: bool, size: int, rng: random.Rand
 
 
 def _write_folder(root: str, per_class: int, held_out: bool, size: int, seed: int) -> None:
-    for c, name in enumerate(PHOTOS):
+    for name in PHOTOS:
         os.makedirs(os.path.join(root, name))
         rng = random.Random(f"{seed}:{name}:{held_out}")
         for i, data in enumerate(_crops(_photo(name), per_class, held_out, size, rng)):
@@ -79,8 +87,12 @@ def _write_folder(root: str, per_class: int, held_out: bool, size: int, seed: in
 
 
 def build_demo_set(
-    root: str | None = None, train_per_class: int = 160, val_per_class: int = 40, crop_px: int = 96,
-    shard_size: int = 100, seed: int = 0,
+    root: str | None = None,
+    train_per_class: int = 160,
+    val_per_class: int = 40,
+    crop_px: int = 96,
+    shard_size: int = 100,
+    seed: int = 0,
 ) -> DemoSet:
     """The demo shards under ``root`` (default ``cache_dir()/demo-v1``), built there on first use."""
     from .shard_writer import write_shards
@@ -96,11 +108,26 @@ def build_demo_set(
                 folder = os.path.join(work, split)
                 _write_folder(folder, n, held_out, crop_px, seed)
                 class_map = os.path.join(out, "classes.json") if held_out else None
-                write_shards(folder, out, prefix=f"demo-{split}", shard_size=shard_size, class_map=class_map,
-                             seed=seed, workers=1, progress=False)
+                write_shards(
+                    folder,
+                    out,
+                    prefix=f"demo-{split}",
+                    shard_size=shard_size,
+                    class_map=class_map,
+                    seed=seed,
+                    workers=1,
+                    progress=False,
+                )
             with open(os.path.join(out, "demo.json"), "w") as f:
-                json.dump({"version": VERSION, "classes": PHOTOS, "train": train_per_class * len(PHOTOS),
-                           "val": val_per_class * len(PHOTOS)}, f)
+                json.dump(
+                    {
+                        "version": VERSION,
+                        "classes": PHOTOS,
+                        "train": train_per_class * len(PHOTOS),
+                        "val": val_per_class * len(PHOTOS),
+                    },
+                    f,
+                )
             try:
                 os.rename(out, root)
             except OSError:  # another process finished first
@@ -115,8 +142,14 @@ def build_demo_set(
         last = (n - 1) // shard_size
         return os.path.join(root, f"demo-{split}-{{000000..{last:06d}}}.tar")
 
-    return DemoSet(root, pattern("train", meta["train"]), pattern("val", meta["val"]), tuple(meta["classes"]),
-                   meta["train"], meta["val"])
+    return DemoSet(
+        root,
+        pattern("train", meta["train"]),
+        pattern("val", meta["val"]),
+        tuple(meta["classes"]),
+        meta["train"],
+        meta["val"],
+    )
 
 
 def demo_datamodule(root: str | None = None, **overrides):
@@ -126,9 +159,16 @@ def demo_datamodule(root: str | None = None, **overrides):
 
     demo = build_demo_set(root)
     kwargs = dict(
-        train_shards=demo.train_shards, val_shards=demo.val_shards, num_classes=demo.num_classes,
-        train_samples=demo.train_samples, batch_size=32, num_workers=1, image_size=32, val_resize=36,
-        train_scale=(0.25, 1.0), shuffle_buffer=500,
+        train_shards=demo.train_shards,
+        val_shards=demo.val_shards,
+        num_classes=demo.num_classes,
+        train_samples=demo.train_samples,
+        batch_size=32,
+        num_workers=1,
+        image_size=32,
+        val_resize=36,
+        train_scale=(0.25, 1.0),
+        shuffle_buffer=500,
     )
     kwargs.update(overrides)
     return ImageNetShards(**kwargs)

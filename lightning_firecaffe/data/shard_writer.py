@@ -178,8 +178,9 @@ def write_shards(
     ]
     counts = {}
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for name, n, size, skipped in tqdm(pool.map(write_shard, jobs), total=len(jobs), disable=not progress,
-                                           desc=f"writing {prefix}", unit="shard"):
+        for name, n, size, skipped in tqdm(
+            pool.map(write_shard, jobs), total=len(jobs), disable=not progress, desc=f"writing {prefix}", unit="shard"
+        ):
             counts[name] = n
             summary.images += n
             summary.shards += 1
@@ -188,8 +189,11 @@ def write_shards(
     with open(os.path.join(out_dir, "classes.json"), "w") as f:
         json.dump({"classes": classes}, f, indent=1)
     with open(os.path.join(out_dir, f"{prefix}-info.json"), "w") as f:
-        json.dump({"samples": summary.images, "num_classes": len(classes), "shards": counts,
-                   "skipped": summary.skipped}, f, indent=1)
+        json.dump(
+            {"samples": summary.images, "num_classes": len(classes), "shards": counts, "skipped": summary.skipped},
+            f,
+            indent=1,
+        )
     return summary
 
 
@@ -209,9 +213,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = write_shards(
-            args.source, args.out_dir, prefix=args.prefix, shard_size=args.shard_size, labels_file=args.labels,
-            class_map=args.class_map, resize=args.resize, quality=args.quality, shuffle=not args.no_shuffle,
-            seed=args.seed, workers=args.workers,
+            args.source,
+            args.out_dir,
+            prefix=args.prefix,
+            shard_size=args.shard_size,
+            labels_file=args.labels,
+            class_map=args.class_map,
+            resize=args.resize,
+            quality=args.quality,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            workers=args.workers,
         )
     except (ValueError, OSError) as exn:
         print(f"error: {exn}", file=sys.stderr)

@@ -235,9 +235,7 @@ class ShardStream(IterableDataset):
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         mine = order[self.rank :: self.world_size][worker::num_workers]
         if not mine:
-            raise ValueError(
-                f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {num_workers} workers"
-            )
+            raise ValueError(f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {num_workers} workers")
         return mine
 
     def val_plan(self, worker: int, num_workers: int) -> tuple[list[str], int, int]:

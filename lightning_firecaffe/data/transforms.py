@@ -117,7 +117,9 @@ class EvalTransform:
 
     def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         fraction = self.size / self.resize
-        return decode_crop_resize(data, lambda h, w: center_crop_box(h, w, fraction), _pair(self.size), self.fast_decode)
+        return decode_crop_resize(
+            data, lambda h, w: center_crop_box(h, w, fraction), _pair(self.size), self.fast_decode
+        )
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -13,7 +13,7 @@ touching the optimizer's settings.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -31,9 +31,7 @@ def is_lars_exempt(param: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def apply_lars(
-    param_groups: Iterable[dict], eta: float = 0.001, eps: float = 1e-9
-) -> list[float]:
+def apply_lars(param_groups: Iterable[dict], eta: float = 0.001, eps: float = 1e-9) -> list[float]:
     """Rewrite the gradients of every non-exempt parameter in place; return the ratios (for logging/tests).
 
     Each group's ``weight_decay`` (0 if absent) plays the role of ``beta``. Assumes coupled (L2) weight

@@ -44,12 +44,30 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "firecaffe": Preset(
-        base_lr=0.08, reference_batch=1024, rule="linear", decay="poly", power=0.5, warmup=0, unit="epoch",
-        momentum=0.9, weight_decay=2e-4, batch_size=1024, max_epochs=72,
+        base_lr=0.08,
+        reference_batch=1024,
+        rule="linear",
+        decay="poly",
+        power=0.5,
+        warmup=0,
+        unit="epoch",
+        momentum=0.9,
+        weight_decay=2e-4,
+        batch_size=1024,
+        max_epochs=72,
     ),
     "bvlc_googlenet": Preset(
-        base_lr=0.01, reference_batch=32, rule="sqrt", decay="poly", power=0.5, warmup=0, unit="epoch",
-        momentum=0.9, weight_decay=2e-4, batch_size=32, max_epochs=60,
+        base_lr=0.01,
+        reference_batch=32,
+        rule="sqrt",
+        decay="poly",
+        power=0.5,
+        warmup=0,
+        unit="epoch",
+        momentum=0.9,
+        weight_decay=2e-4,
+        batch_size=32,
+        max_epochs=60,
     ),
 }
 

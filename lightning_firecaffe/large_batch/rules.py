@@ -37,9 +37,7 @@ def scale_factor(rule: str, global_batch: int, reference_batch: int) -> float:
     """How much a batch of ``global_batch`` multiplies the LR tuned for ``reference_batch``."""
     check_choice("rule", rule, SCALING_RULES)
     if global_batch < 1 or reference_batch < 1:
-        raise ValueError(
-            f"batch sizes must be >= 1 (global batch {global_batch}, reference_batch {reference_batch})"
-        )
+        raise ValueError(f"batch sizes must be >= 1 (global batch {global_batch}, reference_batch {reference_batch})")
     ratio = global_batch / reference_batch
     if rule == "linear":
         return ratio
@@ -124,7 +122,7 @@ class LRPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any]) -> "LRPlan":
+    def from_dict(cls, state: dict[str, Any]) -> LRPlan:
         return cls(**state)
 
 
@@ -134,15 +132,17 @@ def check_lr(option: str, value: float | None, owner: str = "large_batch") -> No
         require(is_number(value) and value > 0, owner, option, value, "must be a positive, finite learning rate")
 
 
-def check_decay_params(
-    decay: str, power: Any, step_size: Any, gamma: Any, owner: str = "large_batch"
-) -> None:
+def check_decay_params(decay: str, power: Any, step_size: Any, gamma: Any, owner: str = "large_batch") -> None:
     """Check the parameters that the chosen decay actually uses."""
     if decay == "poly":
         require(is_number(power) and power > 0, owner, "power", power, "must be a number > 0 for decay='poly'")
     if decay == "step":
         require(
-            is_number(step_size) and step_size > 0, owner, "step_size", step_size, "must be a number > 0 for decay='step'"
+            is_number(step_size) and step_size > 0,
+            owner,
+            "step_size",
+            step_size,
+            "must be a number > 0 for decay='step'",
         )
         require(is_number(gamma) and 0 < gamma <= 1, owner, "gamma", gamma, "must be in (0, 1] for decay='step'")
 
@@ -168,7 +168,11 @@ def warmup_limit(
 
 
 def check_warmup_fits(
-    warmup: float, unit: str, *, max_epochs: int | None = None, max_steps: int | None = None,
+    warmup: float,
+    unit: str,
+    *,
+    max_epochs: int | None = None,
+    max_steps: int | None = None,
     owner: str = "large_batch",
 ) -> None:
     """Pre-launch check (no data needed): refuse a warm-up that is not shorter than the training budget."""

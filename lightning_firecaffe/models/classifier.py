@@ -62,9 +62,17 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         num_classes = num_classes if num_classes is not None else getattr(backbone, "num_classes", None)
         _check_arguments(
-            num_classes=num_classes, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-            aux_loss_weight=aux_loss_weight, lr_policy=lr_policy, poly_power=poly_power, step_epochs=step_epochs,
-            gamma=gamma, lr_scheduler=lr_scheduler,
+            num_classes=num_classes,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            aux_loss_weight=aux_loss_weight,
+            lr_policy=lr_policy,
+            poly_power=poly_power,
+            step_epochs=step_epochs,
+            gamma=gamma,
+            lr_scheduler=lr_scheduler,
         )
         self.save_hyperparameters(ignore=["backbone", "lr_scheduler"])
         self.backbone = backbone
@@ -84,8 +92,13 @@ class ImageClassifier(pl.LightningModule):
         if owner is None:
             return True
         why = f"while {type(owner).__name__} sets the learning rate (drop the callback to use the module's own)"
-        require(self.hparams.lr_policy == "fixed", type(self).__name__, "lr_policy", self.hparams.lr_policy,
-                f"must be 'fixed' {why}")
+        require(
+            self.hparams.lr_policy == "fixed",
+            type(self).__name__,
+            "lr_policy",
+            self.hparams.lr_policy,
+            f"must be 'fixed' {why}",
+        )
         if self.lr_scheduler_factory is not None:
             raise InvalidOption(type(self).__name__, "lr_scheduler", self.lr_scheduler_factory, f"must be None {why}")
         return False
@@ -161,26 +174,57 @@ class ImageClassifier(pl.LightningModule):
 
 
 def _check_arguments(
-    *, num_classes: Any, lr: Any, momentum: Any, weight_decay: Any, nesterov: Any, aux_loss_weight: Any,
-    lr_policy: Any, poly_power: Any, step_epochs: Any, gamma: Any, lr_scheduler: Any,
+    *,
+    num_classes: Any,
+    lr: Any,
+    momentum: Any,
+    weight_decay: Any,
+    nesterov: Any,
+    aux_loss_weight: Any,
+    lr_policy: Any,
+    poly_power: Any,
+    step_epochs: Any,
+    gamma: Any,
+    lr_scheduler: Any,
 ) -> None:
     """Every constructor argument checked before anything is built, each error naming its option."""
     owner = ImageClassifier.__name__
-    require(is_int(num_classes) and num_classes >= 1, owner, "num_classes", num_classes,
-            "must be an integer >= 1 (given, or the backbone's num_classes attribute)")
+    require(
+        is_int(num_classes) and num_classes >= 1,
+        owner,
+        "num_classes",
+        num_classes,
+        "must be an integer >= 1 (given, or the backbone's num_classes attribute)",
+    )
     require(is_number(lr) and lr > 0, owner, "lr", lr, "must be a positive, finite learning rate")
     require(is_number(momentum) and 0 <= momentum < 1, owner, "momentum", momentum, "must be in [0, 1)")
     require(is_number(weight_decay) and weight_decay >= 0, owner, "weight_decay", weight_decay, "must be >= 0")
     require(not nesterov or momentum > 0, owner, "nesterov", nesterov, "needs momentum > 0")
-    require(is_number(aux_loss_weight) and aux_loss_weight >= 0, owner, "aux_loss_weight", aux_loss_weight,
-            "must be >= 0")
+    require(
+        is_number(aux_loss_weight) and aux_loss_weight >= 0, owner, "aux_loss_weight", aux_loss_weight, "must be >= 0"
+    )
     require_choice(owner, "lr_policy", lr_policy, LR_POLICIES)
     if lr_policy == "poly":
-        require(is_number(poly_power) and poly_power > 0, owner, "poly_power", poly_power,
-                "must be > 0 for lr_policy='poly'")
+        require(
+            is_number(poly_power) and poly_power > 0,
+            owner,
+            "poly_power",
+            poly_power,
+            "must be > 0 for lr_policy='poly'",
+        )
     if lr_policy == "step":
-        require(is_int(step_epochs) and step_epochs >= 1, owner, "step_epochs", step_epochs,
-                "must be an integer >= 1 for lr_policy='step'")
+        require(
+            is_int(step_epochs) and step_epochs >= 1,
+            owner,
+            "step_epochs",
+            step_epochs,
+            "must be an integer >= 1 for lr_policy='step'",
+        )
         require(is_number(gamma) and 0 < gamma <= 1, owner, "gamma", gamma, "must be in (0, 1] for lr_policy='step'")
-    require(lr_scheduler is None or callable(lr_scheduler), owner, "lr_scheduler", lr_scheduler,
-            "must be a factory taking the optimizer, or None")
+    require(
+        lr_scheduler is None or callable(lr_scheduler),
+        owner,
+        "lr_scheduler",
+        lr_scheduler,
+        "must be a factory taking the optimizer, or None",
+    )

@@ -54,8 +54,13 @@ class GoogLeNet(nn.Module):
         self.num_classes, self.aux_logits = num_classes, aux_logits
         lrn = lambda: nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)  # noqa: E731
         self.stem = nn.Sequential(
-            conv_relu(3, 64, 7, 2, 3), CaffeMaxPool(3, 2), lrn(),
-            conv_relu(64, 64, 1), conv_relu(64, 192, 3, padding=1), lrn(), CaffeMaxPool(3, 2),
+            conv_relu(3, 64, 7, 2, 3),
+            CaffeMaxPool(3, 2),
+            lrn(),
+            conv_relu(64, 64, 1),
+            conv_relu(64, 192, 3, padding=1),
+            lrn(),
+            CaffeMaxPool(3, 2),
         )
         self.inception3 = nn.Sequential(
             Inception(192, 64, 96, 128, 16, 32, 32), Inception(256, 128, 128, 192, 32, 96, 64), CaffeMaxPool(3, 2)

@@ -12,8 +12,9 @@ from .layers import CaffeMaxPool, conv_relu
 from .registry import register_model
 
 
-def mlpconv(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, last: int | None = None,
-            last_relu: bool = True):
+def mlpconv(
+    cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, last: int | None = None, last_relu: bool = True
+):
     """conv + two 1x1 "cccp" convs; ``last`` sets the final width (the class count in block 4)."""
     final = conv_relu(cout, last or cout, 1) if last_relu else nn.Conv2d(cout, last or cout, 1)
     return nn.Sequential(conv_relu(cin, cout, kernel, stride, padding), conv_relu(cout, cout, 1), final)
@@ -34,9 +35,12 @@ class NiN(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.features = nn.Sequential(
-            mlpconv(3, 96, 11, 4), CaffeMaxPool(3, 2),
-            mlpconv(96, 256, 5, padding=2), CaffeMaxPool(3, 2),
-            mlpconv(256, 384, 3, padding=1), CaffeMaxPool(3, 2),
+            mlpconv(3, 96, 11, 4),
+            CaffeMaxPool(3, 2),
+            mlpconv(96, 256, 5, padding=2),
+            CaffeMaxPool(3, 2),
+            mlpconv(256, 384, 3, padding=1),
+            CaffeMaxPool(3, 2),
             nn.Dropout(dropout),
             mlpconv(384, 1024, 3, padding=1, last=num_classes, last_relu=final_relu),
         )

@@ -1,15 +1,16 @@
 """The one registry of backbones: the Hydra configs, the planner and the train benchmark build models by name.
 
-    @register_model("nin")
-    class NiN(nn.Module): ...
+@register_model("nin")
+class NiN(nn.Module): ...
 
-    build_model("nin", num_classes=10, dropout=0.5)
+build_model("nin", num_classes=10, dropout=0.5)
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 

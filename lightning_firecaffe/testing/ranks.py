@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 _RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR")
 

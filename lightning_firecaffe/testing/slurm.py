@@ -38,9 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from pathlib import Path
 
 from .ranks import free_port
 
@@ -78,12 +78,12 @@ class SlurmStartError(RuntimeError):
     """A daemon did not come up in time; the message names it and ends with its log."""
 
 
-def _which(name: str) -> Optional[str]:
+def _which(name: str) -> str | None:
     path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
     return shutil.which(name, path=path)
 
 
-def check_prerequisites() -> Optional[str]:
+def check_prerequisites() -> str | None:
     """``None`` when the cluster can run here, otherwise the reason it cannot."""
     if sys.platform != "linux":
         return f"local SLURM needs Linux (this is {sys.platform})"
@@ -93,7 +93,6 @@ def check_prerequisites() -> Optional[str]:
     if missing:
         return "SLURM binaries missing: " + ", ".join(missing) + "; install them with .ci/install-slurm.sh"
     return None
-
 
 
 def _port_open(port: int) -> bool:
@@ -124,7 +123,7 @@ def _tail(path: Path, lines: int = 25) -> str:
         return f"(no log at {path})"
 
 
-def _wait(what: str, predicate: Callable[[], bool], timeout: float, log: Optional[Path] = None, poll: float = 0.3) -> None:
+def _wait(what: str, predicate: Callable[[], bool], timeout: float, log: Path | None = None, poll: float = 0.3) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -154,7 +153,11 @@ class SlurmNode:
 
 
 def compose_slurm_conf(
-    state_dir: Path, ports: dict, munge_socket: Path, nodes: Sequence[SlurmNode], controller_addr: Optional[str] = None,
+    state_dir: Path,
+    ports: dict,
+    munge_socket: Path,
+    nodes: Sequence[SlurmNode],
+    controller_addr: str | None = None,
     slurmd_timeout: int = 300,
 ) -> str:
     """slurm.conf for a private cluster of ``nodes`` (one slurmd each, all in one default partition).
@@ -178,18 +181,18 @@ def compose_slurm_conf(
     return f"""# written by lightning_firecaffe.testing.slurm; removed by `down`
 ClusterName={CLUSTER_NAME}
 SlurmctldHost=localhost
-{ctld_addr}SlurmctldPort={ports['slurmctld']}
-SlurmdPort={ports['slurmd']}
+{ctld_addr}SlurmctldPort={ports["slurmctld"]}
+SlurmdPort={ports["slurmd"]}
 SlurmUser=root
 SlurmdUser=root
 {auth}CredType=cred/munge
-StateSaveLocation={d / 'spool' / 'ctld'}
-SlurmdSpoolDir={d / 'spool' / 'd' / '%n'}
-SlurmctldPidFile={d / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={d / 'run' / 'slurmd-%n.pid'}
-SlurmctldLogFile={d / 'log' / 'slurmctld.log'}
-SlurmdLogFile={d / 'log' / 'slurmd-%n.log'}
-PlugStackConfig={d / 'etc' / 'plugstack.conf'}
+StateSaveLocation={d / "spool" / "ctld"}
+SlurmdSpoolDir={d / "spool" / "d" / "%n"}
+SlurmctldPidFile={d / "run" / "slurmctld.pid"}
+SlurmdPidFile={d / "run" / "slurmd-%n.pid"}
+SlurmctldLogFile={d / "log" / "slurmctld.log"}
+SlurmdLogFile={d / "log" / "slurmd-%n.log"}
+PlugStackConfig={d / "etc" / "plugstack.conf"}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -207,7 +210,7 @@ InactiveLimit=0
 MinJobAge=300
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStoragePort={ports['slurmdbd']}
+AccountingStoragePort={ports["slurmdbd"]}
 AccountingStoragePass={munge_socket}
 JobCompType=jobcomp/none
 {node_lines}PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -226,10 +229,10 @@ class LocalSlurm:
 
     def __init__(
         self,
-        state_dir: Optional[os.PathLike | str] = None,
+        state_dir: os.PathLike | str | None = None,
         start_timeout: float = 90.0,
-        ttl: Optional[float] = 3600.0,
-        owner_pid: Optional[int] = None,
+        ttl: float | None = 3600.0,
+        owner_pid: int | None = None,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.start_timeout = start_timeout
@@ -253,7 +256,7 @@ class LocalSlurm:
 
     # What a subclass changes for several nodes (testing/slurm_cluster.py): the nodes, where slurmctld is
     # reached, how each slurmd starts and how its port is checked.
-    controller_addr: Optional[str] = None
+    controller_addr: str | None = None
     slurmd_timeout = 300
 
     def slurm_nodes(self, hardware: str) -> list[SlurmNode]:
@@ -262,7 +265,7 @@ class LocalSlurm:
     def slurmd_log(self, node: str) -> Path:
         return self._p("log", f"slurmd-{node}.log")
 
-    def env(self, base: Optional[dict] = None) -> dict:
+    def env(self, base: dict | None = None) -> dict:
         """Environment for clients (sbatch, srun, sinfo, sacct, submitit): ``SLURM_CONF`` set, sbin on PATH."""
         env = dict(os.environ if base is None else base)
         env.pop(MARKER_VAR, None)
@@ -275,19 +278,17 @@ class LocalSlurm:
 
     def run(self, *args: str, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster, with a timeout."""
-        return subprocess.run(
-            list(args), env=self.env(), capture_output=True, text=True, timeout=timeout, check=check
-        )
+        return subprocess.run(list(args), env=self.env(), capture_output=True, text=True, timeout=timeout, check=check)
 
     # -------------------------------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         self.up()
         return self
 
     def __exit__(self, *exc) -> None:
         self.down()
 
-    def up(self) -> "LocalSlurm":
+    def up(self) -> LocalSlurm:
         reason = check_prerequisites()
         if reason:
             raise SlurmUnavailable(reason)
@@ -323,7 +324,11 @@ class LocalSlurm:
         hw = self._node_hardware()
         auth = f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\n"
         slurm_conf = compose_slurm_conf(
-            self.state_dir, self.ports, self.munge_socket, self.slurm_nodes(hw), self.controller_addr,
+            self.state_dir,
+            self.ports,
+            self.munge_socket,
+            self.slurm_nodes(hw),
+            self.controller_addr,
             self.slurmd_timeout,
         )
         self.slurm_conf.write_text(slurm_conf)
@@ -336,13 +341,13 @@ class LocalSlurm:
         os.chmod(dbd, 0o600)  # slurmdbd refuses a readable file holding the password
         dbd.write_text(
             f"""{auth}DbdHost=localhost
-DbdPort={self.ports['slurmdbd']}
+DbdPort={self.ports["slurmdbd"]}
 SlurmUser=root
-PidFile={self._p('run', 'slurmdbd.pid')}
-LogFile={self._p('log', 'slurmdbd.log')}
+PidFile={self._p("run", "slurmdbd.pid")}
+LogFile={self._p("log", "slurmdbd.log")}
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={self.ports['mariadb']}
+StoragePort={self.ports["mariadb"]}
 StorageUser=slurm
 StoragePass={self._db_password}
 StorageLoc=slurm_acct_db
@@ -353,7 +358,9 @@ StorageLoc=slurm_acct_db
     def _node_hardware() -> str:
         """CPUs/sockets/cores/memory as slurmd sees them (a mismatch would drain the node)."""
         try:
-            out = subprocess.run([_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=20).stdout
+            out = subprocess.run(
+                [_which("slurmd") or "slurmd", "-C"], capture_output=True, text=True, timeout=20
+            ).stdout
         except (OSError, subprocess.TimeoutExpired):
             out = ""
         keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
@@ -363,14 +370,19 @@ StorageLoc=slurm_acct_db
         return f"CPUs={os.cpu_count() or 1}"
 
     # --------------------------------------------------------------------------------------- daemons
-    def _spawn(self, name: str, argv: list[str], env: Optional[dict] = None) -> int:
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> int:
         if env is None:  # a daemon: mark it (and so slurmstepd) as this cluster's, for `down`
             env = self.env()
             env[MARKER_VAR] = str(self.state_dir)
         log = open(self._p("log", f"{name}.out"), "ab")
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, close_fds=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
         )
         log.close()
         pids = self._load_pids()
@@ -408,20 +420,33 @@ StorageLoc=slurm_acct_db
         self._setup_cmd("mungekey", [_which("mungekey"), "--create", f"--keyfile={key}"], min(20.0, timeout))
         os.chmod(key, 0o400)
         os.chmod(self._p("munge"), 0o700)
-        self._spawn("munged", [
-            _which("munged"), "--foreground", "--force",
-            f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--pid-file={self._p('munge', 'munged.pid')}", f"--log-file={self._p('log', 'munged.log')}",
-            f"--seed-file={self._p('munge', 'munged.seed')}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self._p('munge', 'munged.pid')}",
+                f"--log-file={self._p('log', 'munged.log')}",
+                f"--seed-file={self._p('munge', 'munged.seed')}",
+            ],
+        )
         self._wait_for("munged", self.munge_socket.exists, timeout, self._p("log", "munged.out"))
 
     def _start_mariadb(self, timeout: float) -> None:
         datadir = self._p("db", "data")
         self._setup_cmd(
             "mariadb-install-db",
-            [_which("mariadb-install-db"), "--no-defaults", f"--datadir={datadir}", "--user=root",
-             "--auth-root-authentication-method=socket", "--skip-test-db"],
+            [
+                _which("mariadb-install-db"),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                "--user=root",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+            ],
             timeout,
         )
         init = self._p("db", "init.sql")
@@ -430,13 +455,25 @@ StorageLoc=slurm_acct_db
             "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';\n"
         )
         os.chmod(init, 0o600)
-        self._spawn("mariadbd", [
-            _which("mariadbd"), "--no-defaults", f"--datadir={datadir}", "--user=root",
-            f"--socket={self._p('db', 'mysqld.sock')}", f"--port={self.ports['mariadb']}", "--bind-address=127.0.0.1",
-            f"--pid-file={self._p('db', 'mariadbd.pid')}", f"--log-error={self._p('log', 'mariadbd.log')}",
-            f"--init-file={init}", "--skip-name-resolve", "--innodb-buffer-pool-size=64M",
-            "--innodb-lock-wait-timeout=900", "--max-allowed-packet=16M",
-        ])
+        self._spawn(
+            "mariadbd",
+            [
+                _which("mariadbd"),
+                "--no-defaults",
+                f"--datadir={datadir}",
+                "--user=root",
+                f"--socket={self._p('db', 'mysqld.sock')}",
+                f"--port={self.ports['mariadb']}",
+                "--bind-address=127.0.0.1",
+                f"--pid-file={self._p('db', 'mariadbd.pid')}",
+                f"--log-error={self._p('log', 'mariadbd.log')}",
+                f"--init-file={init}",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-lock-wait-timeout=900",
+                "--max-allowed-packet=16M",
+            ],
+        )
         self._wait_for("mariadbd", lambda: _port_open(self.ports["mariadb"]), timeout, self._p("log", "mariadbd.log"))
 
     def _start_slurmdbd(self, timeout: float) -> None:
@@ -446,7 +483,9 @@ StorageLoc=slurm_acct_db
 
     def _start_slurmctld(self, timeout: float) -> None:
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i"])
-        self._wait_for("slurmctld", lambda: _port_open(self.ports["slurmctld"]), timeout, self._p("log", "slurmctld.log"))
+        self._wait_for(
+            "slurmctld", lambda: _port_open(self.ports["slurmctld"]), timeout, self._p("log", "slurmctld.log")
+        )
 
     def _start_slurmd(self, timeout: float) -> None:
         self._p("spool", "d", NODE_NAME).mkdir(parents=True, exist_ok=True)
@@ -466,7 +505,12 @@ StorageLoc=slurm_acct_db
                 return False
             return self.run("sacct", "-n", "-X", "-a", timeout=10, check=False).returncode == 0
 
-        _wait("every node idle in sinfo", node_idle, max(1.0, deadline - time.monotonic()), self._p("log", "slurmctld.log"))
+        _wait(
+            "every node idle in sinfo",
+            node_idle,
+            max(1.0, deadline - time.monotonic()),
+            self._p("log", "slurmctld.log"),
+        )
         _wait("accounting (sacct)", accounting, max(1.0, deadline - time.monotonic()), self._p("log", "slurmdbd.log"))
 
     # -------------------------------------------------------------------------------------- teardown
@@ -485,8 +529,17 @@ StorageLoc=slurm_acct_db
         if not self.owner_pid and self.ttl is None:
             return
         # Run this file as a script: stdlib only, no package (torch, lightning) import.
-        argv = [sys.executable, str(Path(__file__).resolve()), "_reap", "--state-dir", str(self.state_dir),
-                "--owner-pid", str(self.owner_pid or 0), "--ttl", str(self.ttl or 0)]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "_reap",
+            "--state-dir",
+            str(self.state_dir),
+            "--owner-pid",
+            str(self.owner_pid or 0),
+            "--ttl",
+            str(self.ttl or 0),
+        ]
         env = dict(os.environ)
         env.pop(MARKER_VAR, None)
         self._spawn("reaper", argv, env=env)
@@ -578,8 +631,17 @@ StorageLoc=slurm_acct_db
             pass
 
     # ------------------------------------------------------------------------------------------ jobs
-    TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                       "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+    TERMINAL_STATES = (
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+    )
 
     def job_state(self, job_id: str) -> str:
         """The job's state from accounting (``sacct``), e.g. ``RUNNING`` or ``COMPLETED``; ``""`` if unknown yet."""
@@ -598,10 +660,11 @@ StorageLoc=slurm_acct_db
                 raise TimeoutError(f"SLURM job {job_id} still {state or 'unknown'} after {timeout:.0f} s (cancelled)")
             time.sleep(poll)
 
-    def sbatch(self, *args: str, env: Optional[dict] = None, cwd: Optional[os.PathLike | str] = None) -> str:
+    def sbatch(self, *args: str, env: dict | None = None, cwd: os.PathLike | str | None = None) -> str:
         """Submit (``sbatch --parsable ARGS...``) and return the job id; ``env`` defaults to :meth:`env`."""
-        r = subprocess.run(["sbatch", "--parsable", *args], env=env or self.env(), cwd=cwd,
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["sbatch", "--parsable", *args], env=env or self.env(), cwd=cwd, capture_output=True, text=True, timeout=30
+        )
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed (rc={r.returncode}): {r.stderr.strip()}")
         return r.stdout.strip().split(";")[0]
@@ -610,8 +673,11 @@ StorageLoc=slurm_acct_db
     def status(self) -> dict:
         """Which recorded daemons are alive, and what sinfo says."""
         pids = self._load_pids() if self.state_dir and self.state_dir.exists() else {}
-        info = {"state_dir": str(self.state_dir), "slurm_conf": str(self.slurm_conf) if self.state_dir else None,
-                "daemons": {n: {"pid": p, "alive": _alive(p)} for n, p in pids.items()}}
+        info = {
+            "state_dir": str(self.state_dir),
+            "slurm_conf": str(self.slurm_conf) if self.state_dir else None,
+            "daemons": {n: {"pid": p, "alive": _alive(p)} for n, p in pids.items()},
+        }
         if pids:
             try:
                 r = self.run("sinfo", "-h", "-N", "-o", "%N %t %c", timeout=10, check=False)
@@ -634,10 +700,14 @@ def _reap(state_dir: str, owner_pid: int, ttl: float) -> None:
         cluster.down()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_firecaffe.testing.slurm", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_firecaffe.testing.slurm", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("command", choices=["up", "down", "status", "check", "_reap"])
-    parser.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR), help=f"default {DEFAULT_STATE_DIR} ($FIRECAFFE_SLURM_DIR)")
+    parser.add_argument(
+        "--state-dir", default=str(DEFAULT_STATE_DIR), help=f"default {DEFAULT_STATE_DIR} ($FIRECAFFE_SLURM_DIR)"
+    )
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds allowed for `up`")
     parser.add_argument("--ttl", type=float, default=0.0, help="`up`: tear down after this many seconds (0: never)")
     parser.add_argument("--owner-pid", type=int, default=0, help=argparse.SUPPRESS)
@@ -660,8 +730,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except SlurmStartError as exc:
             print(str(exc), file=sys.stderr)
             return 1
-        print(f"# local SLURM up in {time.monotonic() - t0:.1f} s; stop with: "
-              f"python -m lightning_firecaffe.testing.slurm down --state-dir {cluster.state_dir}")
+        print(
+            f"# local SLURM up in {time.monotonic() - t0:.1f} s; stop with: "
+            f"python -m lightning_firecaffe.testing.slurm down --state-dir {cluster.state_dir}"
+        )
         print(f"export SLURM_CONF={cluster.slurm_conf}")
         return 0
     if args.command == "down":

@@ -30,11 +30,10 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .cluster import EmulatedCluster, can_emulate
-from .cluster.netns import PREFIX
 from .slurm import LocalSlurm, SlurmNode, SlurmUnavailable, _which, check_prerequisites
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def node_name(index: int) -> str:
     return f"node{index}"
 
 
-def hosts_file(nodes: Sequence[tuple[str, str]], own: Optional[tuple[str, str]] = None) -> str:
+def hosts_file(nodes: Sequence[tuple[str, str]], own: tuple[str, str] | None = None) -> str:
     """A node's /etc/hosts: every node's name at its cluster address, except ``own`` = (name, address)
     which overrides that node's line (the misleading hostname of a multi-homed node)."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
@@ -131,9 +130,9 @@ class EmulatedSlurm(LocalSlurm):
     def __init__(
         self,
         nodes: int = 2,
-        rate: Optional[str] = "1gbit",
+        rate: str | None = "1gbit",
         misleading_hostnames: Sequence[int] = (),
-        run_id: Optional[str] = None,
+        run_id: str | None = None,
         slurmd_timeout: int = 20,
         **kwargs,
     ) -> None:
@@ -147,12 +146,12 @@ class EmulatedSlurm(LocalSlurm):
         self.num_nodes = int(nodes)
         self.rate = rate
         self.misleading_hostnames = tuple(misleading_hostnames)
-        self.cluster: Optional[EmulatedCluster] = None
+        self.cluster: EmulatedCluster | None = None
         self._run_id = run_id
-        self.subnet: Optional[str] = None
-        self.veth: Optional[str] = None
-        self._net_marker: Optional[Path] = None
-        self._watchdog: Optional[subprocess.Popen] = None
+        self.subnet: str | None = None
+        self.veth: str | None = None
+        self._net_marker: Path | None = None
+        self._watchdog: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------------------------ topology
     @property
@@ -171,7 +170,7 @@ class EmulatedSlurm(LocalSlurm):
         return f"10.79.{index + 1}.{index + 1}"  # one /24 per node: nobody else is in it
 
     @property
-    def controller_addr(self) -> Optional[str]:  # type: ignore[override]
+    def controller_addr(self) -> str | None:  # type: ignore[override]
         return f"{self.subnet}.{CONTROLLER_HOST}" if self.subnet else None
 
     def slurm_nodes(self, hardware: str) -> list[SlurmNode]:
@@ -183,7 +182,7 @@ class EmulatedSlurm(LocalSlurm):
         return {node_name(i): v for i, v in self.cluster.link_stats().items()}
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def up(self) -> "EmulatedSlurm":
+    def up(self) -> EmulatedSlurm:
         reason = check_prerequisites()
         ok, why = can_emulate()
         if reason or not ok:
@@ -206,9 +205,21 @@ class EmulatedSlurm(LocalSlurm):
         self._net_marker.write_text(str(os.getpid()))
         namespaces = [self.cluster.bridge_namespace, *self.cluster.host_namespaces]
         self._watchdog = subprocess.Popen(
-            ["bash", "-c", _WATCHDOG, "watchdog", str(self.owner_pid or os.getpid()), str(self._net_marker),
-             str(int(self.ttl or 86400)), self.veth, *namespaces],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                "bash",
+                "-c",
+                _WATCHDOG,
+                "watchdog",
+                str(self.owner_pid or os.getpid()),
+                str(self._net_marker),
+                str(int(self.ttl or 86400)),
+                self.veth,
+                *namespaces,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.cluster.up()
         # slurmctld (root namespace) on the bridge: S.254
@@ -233,7 +244,7 @@ class EmulatedSlurm(LocalSlurm):
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(hosts_file(cluster_names, own))
 
-    def _start_slurmd(self, timeout: float, nodes: Optional[Sequence[int]] = None) -> None:
+    def _start_slurmd(self, timeout: float, nodes: Sequence[int] | None = None) -> None:
         slurmd = _which("slurmd")
         nodes = range(self.num_nodes) if nodes is None else nodes
         for i in nodes:
@@ -242,16 +253,32 @@ class EmulatedSlurm(LocalSlurm):
             # no cgroup mounts: slurmd's cgroup/v1 plugin wants a tmpfs there with the named systemd hierarchy,
             # enough with proctrack/linuxproc); unshare --uts: its own hostname. All exec: the recorded pid is slurmd's.
             self._p("spool", "d", name).mkdir(parents=True, exist_ok=True)
-            self._spawn(f"slurmd-{name}", [
-                "ip", "netns", "exec", self.namespace(i), "unshare", "--uts", "sh", "-c",
-                'mount -t tmpfs cgroup_root /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd && '
-                'mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd && '
-                'hostname "$0" && exec "$1" -D -N "$0"', name, slurmd,
-            ])  # fmt: skip
+            self._spawn(
+                f"slurmd-{name}",
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.namespace(i),
+                    "unshare",
+                    "--uts",
+                    "sh",
+                    "-c",
+                    "mount -t tmpfs cgroup_root /sys/fs/cgroup && mkdir /sys/fs/cgroup/systemd && "
+                    "mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd && "
+                    'hostname "$0" && exec "$1" -D -N "$0"',
+                    name,
+                    slurmd,
+                ],
+            )
         for i in nodes:
             name = self.node_names[i]
-            self._wait_for(f"slurmd-{name}", lambda i=i: _reachable(self.node_addr(i), self.ports["slurmd"]),
-                           timeout, self.slurmd_log(name))
+            self._wait_for(
+                f"slurmd-{name}",
+                lambda i=i: _reachable(self.node_addr(i), self.ports["slurmd"]),
+                timeout,
+                self.slurmd_log(name),
+            )
 
     def down(self, timeout: float = 30.0) -> None:
         try:

@@ -12,6 +12,17 @@ from .progress import KINDS, PROGRESS, beat
 from .verdict import DEFAULT_ALLOWANCES, Beat, Observer, Policy, Stall, judge
 
 __all__ = [
-    "ACTIONS", "DEFAULT_ALLOWANCES", "KINDS", "PROGRESS", "STALL_EXIT_CODE", "Beat", "Observer", "Policy", "Stall",
-    "Watchdog", "beat", "judge", "start_watchdog",
+    "ACTIONS",
+    "DEFAULT_ALLOWANCES",
+    "KINDS",
+    "PROGRESS",
+    "STALL_EXIT_CODE",
+    "Beat",
+    "Observer",
+    "Policy",
+    "Stall",
+    "Watchdog",
+    "beat",
+    "judge",
+    "start_watchdog",
 ]

@@ -9,15 +9,16 @@ that in backward and raises the hook's original exception (kept on the hook stat
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from ..comm.executor import PeerStallError
 
-_WRAPPED = re.compile(r"Unable to cast (?:Python instance of type [^ ]+ )?(?P<inner>.*?)\s+to (?:C\+\+ type|Tensor)\b.*", re.S)
+_WRAPPED = re.compile(
+    r"Unable to cast (?:Python instance of type [^ ]+ )?(?P<inner>.*?)\s+to (?:C\+\+ type|Tensor)\b.*", re.S
+)
 _FIRECAFFE = re.compile(r"(FireCaffe .*)", re.S)
 
 
-def unwrap_hook_error(exc: BaseException, original: Optional[BaseException] = None) -> Optional[BaseException]:
+def unwrap_hook_error(exc: BaseException, original: BaseException | None = None) -> BaseException | None:
     """The exception to raise instead of ``exc`` (torch's wrapper of a failed comm hook), or None if
     ``exc`` is not one."""
     text = str(exc)

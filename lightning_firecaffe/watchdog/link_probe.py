@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,9 @@ OFFSETS = 3  # peers probed per rank in each direction (every pair up to 4 ranks
 TRIES = 2
 
 
-def probe_links(rank: int, world_size: int, timeout_s: float, device: Any = "cpu",
-                nbytes: int = PROBE_BYTES) -> Optional[dict[tuple[int, int], float]]:  # fmt: skip
+def probe_links(
+    rank: int, world_size: int, timeout_s: float, device: Any = "cpu", nbytes: int = PROBE_BYTES
+) -> dict[tuple[int, int], float] | None:
     """``{(sender, receiver): seconds}`` for this job's probed links (the same on every rank), or None when a
     peer does not answer within ``timeout_s`` (the report then goes without links; nothing hangs)."""
     offsets = range(1, min(OFFSETS, world_size - 1) + 1)
@@ -46,8 +47,11 @@ def probe_links(rank: int, world_size: int, timeout_s: float, device: Any = "cpu
     except Exception as exc:  # a dead or unreachable peer: no link figures, and the run ends as it would
         log.warning("FireCaffe: the link probe for the straggler report failed (%s)", str(exc).splitlines()[0])
         return None
-    return {((receiver - offset) % world_size, receiver): float(every[receiver][i])
-            for receiver in range(world_size) for i, offset in enumerate(offsets)}  # fmt: skip
+    return {
+        ((receiver - offset) % world_size, receiver): float(every[receiver][i])
+        for receiver in range(world_size)
+        for i, offset in enumerate(offsets)
+    }
 
 
 def _wait(work: Any, timeout: timedelta) -> None:

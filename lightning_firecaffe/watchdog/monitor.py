@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .progress import PROGRESS, Progress
 from .stacks import Whereabouts, classify, stack_of
@@ -45,16 +45,16 @@ class Watchdog:
         launched_ranks: Callable[[], list[int]] = list,
         exit: Callable[[int], None] = os._exit,
         clock: Callable[[], float] = time.monotonic,
-        whereabouts: Optional[Callable[[], Whereabouts]] = None,
-        kill: Optional[Callable[[list[int], float], None]] = None,
+        whereabouts: Callable[[], Whereabouts] | None = None,
+        kill: Callable[[list[int], float], None] | None = None,
     ) -> None:
         self.rank, self.world_size, self.transport, self.policy = rank, world_size, transport, policy
         self.action, self.grace_s, self.interval_s = action, grace_s, interval_s
         self.progress, self.launched_ranks, self._exit, self._clock = progress, launched_ranks, exit, clock
         self.observer = Observer(world_size, rank, clock())
         self._whereabouts = whereabouts or (lambda: classify(stack_of(self._train_thread)))
-        self.stall: Optional[Stall] = None
-        self.stalled_since: Optional[float] = None
+        self.stall: Stall | None = None
+        self.stalled_since: float | None = None
         self._heartbeat = 0
         self._kill = kill or kill_children
         self.failed = False
@@ -62,23 +62,27 @@ class Watchdog:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the transport is used by the thread and, at the end, by stop()
         self._train_thread = threading.get_ident()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         """Start watching; call from the training thread."""
         self._train_thread = threading.get_ident()
         self._thread = threading.Thread(target=self._loop, name="firecaffe-watchdog", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self, error: Optional[BaseException] = None) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
         """Say goodbye (and why, if training failed here) and end the thread."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval_s + 10)
         with self._lock:
-            why = None if error is None else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            why = (
+                None
+                if error is None
+                else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            )
             self.transport.publish(dataclasses.replace(self._beat(finished=True), error=why))
 
     # ------------------------------------------------------------------ one round
@@ -88,10 +92,20 @@ class Watchdog:
         if not finished and time.monotonic() - cur.since >= min(self.interval_s, 1.0):  # still: where is it?
             blocked, at = self._whereabouts()
         self._heartbeat += 1
-        return Beat(self.rank, self._heartbeat, cur.seq, cur.phase, cur.kind, cur.step, blocked_in=blocked, at=at,
-                    finished=finished, step_seconds=self.progress.step_seconds)  # fmt: skip
+        return Beat(
+            self.rank,
+            self._heartbeat,
+            cur.seq,
+            cur.phase,
+            cur.kind,
+            cur.step,
+            blocked_in=blocked,
+            at=at,
+            finished=finished,
+            step_seconds=self.progress.step_seconds,
+        )
 
-    def check(self) -> Optional[Stall]:
+    def check(self) -> Stall | None:
         """Publish, read, judge and act once (the thread's loop body; tests call it directly)."""
         cpu0 = time.thread_time()
         with self._lock:
@@ -99,7 +113,9 @@ class Watchdog:
             published = self.transport.publish(mine)
             beats = self.transport.read() if published else None
         now = self._clock()
-        self.observer.update({self.rank: mine, **({k: v for k, v in beats.items() if k != self.rank} if beats else {})}, now)
+        self.observer.update(
+            {self.rank: mine, **({k: v for k, v in beats.items() if k != self.rank} if beats else {})}, now
+        )
         self.observer.store_answered(beats is not None, now)
         stall = judge(self.observer, now, self.policy)
         self._act(stall, now)
@@ -115,7 +131,7 @@ class Watchdog:
             if self._stop.wait(self.interval_s):
                 return
 
-    def _act(self, stall: Optional[Stall], now: float) -> None:
+    def _act(self, stall: Stall | None, now: float) -> None:
         if self.failed:
             return
         if stall is None:
@@ -127,8 +143,11 @@ class Watchdog:
         self.stall = stall
         if first:
             self.stalled_since = now
-            then = (f"every rank stops in {self.grace_s:.0f} s unless it moves (stall_action='fail')"
-                    if self.action == "fail" else "stall_action='warn': the job keeps waiting")  # fmt: skip
+            then = (
+                f"every rank stops in {self.grace_s:.0f} s unless it moves (stall_action='fail')"
+                if self.action == "fail"
+                else "stall_action='warn': the job keeps waiting"
+            )
             log.warning("%s\n  %s", stall.message(self.rank), then)
             return
         if self.action == "fail" and now - self.stalled_since >= self.grace_s:
@@ -138,8 +157,11 @@ class Watchdog:
         self.failed = True
         log.critical(
             "%s\n  FireCaffe watchdog: stopping rank %d (exit code %d): stalled for %.0f s after the warning.",
-            stall.message(self.rank), self.rank, STALL_EXIT_CODE, self.grace_s,
-        )  # fmt: skip
+            stall.message(self.rank),
+            self.rank,
+            STALL_EXIT_CODE,
+            self.grace_s,
+        )
         for handler in logging.getLogger().handlers + [logging.lastResort]:
             try:
                 handler.flush()
@@ -165,16 +187,23 @@ class Watchdog:
     def describe(self, ranks: list[int]) -> list[str]:
         """What this rank's watchdog knows about ``ranks`` now (for a PeerStallError's message)."""
         states = {s.rank: s for s in self.observer.states(self._clock(), self.policy)}
-        silent = [r for r, s in states.items() if r != self.rank and r not in ranks and s.status != "finished"
-                  and s.silent_s >= 3 * self.interval_s]  # fmt: skip
+        silent = [
+            r
+            for r, s in states.items()
+            if r != self.rank and r not in ranks and s.status != "finished" and s.silent_s >= 3 * self.interval_s
+        ]
         out = []
         for r in [*ranks, *silent]:  # the peer it waited for may itself wait for a silent one: name that too
             s = states.get(r)
             if s is None:
                 continue
-            if s.status in ("busy", "waiting") and s.silent_s >= 3 * self.interval_s:  # silent, though not yet for stall_timeout
-                out.append(f"rank {r} is not responding: no heartbeat for {s.silent_s:.0f} s; last in '{s.phase}' "
-                           f"at global step {s.step}")  # fmt: skip
+            if (
+                s.status in ("busy", "waiting") and s.silent_s >= 3 * self.interval_s
+            ):  # silent, though not yet for stall_timeout
+                out.append(
+                    f"rank {r} is not responding: no heartbeat for {s.silent_s:.0f} s; last in '{s.phase}' "
+                    f"at global step {s.step}"
+                )
             else:
                 out.append(s.describe())
         return out
@@ -239,8 +268,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start_watchdog(rank: int, world_size: int, policy: Policy, *, action: str, grace_s: float,
-                   launched_ranks: Callable[[], list[int]] = list) -> Optional[Watchdog]:
+def start_watchdog(
+    rank: int,
+    world_size: int,
+    policy: Policy,
+    *,
+    action: str,
+    grace_s: float,
+    launched_ranks: Callable[[], list[int]] = list,
+) -> Watchdog | None:
     """Connect to the rendezvous store and start the thread; None (with a warning) if the store cannot be
     reached: training goes on unwatched rather than not at all."""
     from .transport import StoreBeats
@@ -252,5 +288,13 @@ def start_watchdog(rank: int, world_size: int, policy: Policy, *, action: str, g
     except Exception as exc:
         log.warning("FireCaffe watchdog on rank %d is off: cannot reach the rendezvous store (%s)", rank, exc)
         return None
-    return Watchdog(rank, world_size, transport, policy, action=action, grace_s=grace_s, interval_s=interval,
-                    launched_ranks=launched_ranks).start()  # fmt: skip
+    return Watchdog(
+        rank,
+        world_size,
+        transport,
+        policy,
+        action=action,
+        grace_s=grace_s,
+        interval_s=interval,
+        launched_ranks=launched_ranks,
+    ).start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import sysconfig
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 
 class Frame(NamedTuple):
@@ -21,8 +21,8 @@ class Frame(NamedTuple):
 
 
 class Whereabouts(NamedTuple):
-    blocked_in: Optional[str]  # the collective the thread waits in, None when it runs other code
-    at: Optional[str]  # the innermost frame outside torch and the standard library: "file.py:12 in fn"
+    blocked_in: str | None  # the collective the thread waits in, None when it runs other code
+    at: str | None  # the innermost frame outside torch and the standard library: "file.py:12 in fn"
 
 
 def _norm(path: str) -> str:
@@ -43,7 +43,9 @@ def _is_library(path: str) -> bool:
     p = _norm(path)
     if "site-packages/" in p:
         return "/site-packages/torch/" in p
-    return "/torch/" in p or p.startswith("<") or p.startswith(_STDLIB) or re.search(r"/lib/python3\.\d+/", p) is not None
+    return (
+        "/torch/" in p or p.startswith("<") or p.startswith(_STDLIB) or re.search(r"/lib/python3\.\d+/", p) is not None
+    )
 
 
 def classify(frames: list[Frame]) -> Whereabouts:

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import socket
-from datetime import timedelta
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -29,8 +30,13 @@ KEY_PREFIX = "firecaffe/watchdog/"
 class StoreBeats:
     """Publish this rank's beat and read everybody's, on a store shared by all ranks."""
 
-    def __init__(self, store: dist.Store, world_size: int, reconnect: Optional[Callable[[], dist.Store]] = None,
-                 reachable: Optional[Callable[[], bool]] = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: dist.Store,
+        world_size: int,
+        reconnect: Callable[[], dist.Store] | None = None,
+        reachable: Callable[[], bool] | None = None,
+    ) -> None:
         self.store, self.world_size = store, world_size
         self._reconnect, self._reachable = reconnect, reachable
         self._broken = False
@@ -40,12 +46,14 @@ class StoreBeats:
         self._present: set[int] = set()
 
     @classmethod
-    def connect(cls, world_size: int, timeout_s: float) -> "StoreBeats":
+    def connect(cls, world_size: int, timeout_s: float) -> StoreBeats:
         """A client of the store at MASTER_ADDR:MASTER_PORT (set by every Lightning launcher)."""
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
         def client() -> dist.Store:
-            return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            return dist.TCPStore(
+                host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+            )
 
         def reachable() -> bool:
             try:
@@ -118,7 +126,7 @@ class StoreBeats:
             self._broken = True
             return False
 
-    def read(self) -> Optional[dict[int, Beat]]:
+    def read(self) -> dict[int, Beat] | None:
         """Every rank's latest beat (ranks that never published are absent), or None if the store fails."""
         if not self._usable():
             return None

@@ -23,9 +23,8 @@ rank 0) for ``stall_timeout`` while its own training does not move blames rank 0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Optional
+from dataclasses import dataclass, field
 
 from .progress import KINDS
 
@@ -44,17 +43,17 @@ class Beat:
     phase: str
     kind: str = "normal"
     step: int = 0
-    blocked_in: Optional[str] = None  # the collective its training thread waits in
-    at: Optional[str] = None  # innermost user/Lightning frame while it does not move
+    blocked_in: str | None = None  # the collective its training thread waits in
+    at: str | None = None  # innermost user/Lightning frame while it does not move
     finished: bool = False
-    error: Optional[str] = None  # why it left, when it left with an exception
-    step_seconds: Optional[float] = None  # mean compute + data seconds per training step
+    error: str | None = None  # why it left, when it left with an exception
+    step_seconds: float | None = None  # mean compute + data seconds per training step
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Beat":
+    def from_dict(cls, d: dict) -> Beat:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -67,12 +66,12 @@ class Policy:
         return max(self.stall_timeout, float(self.allowances.get(kind, 0.0)))
 
 
-def merge_allowances(overrides: Optional[dict]) -> dict:
+def merge_allowances(overrides: dict | None) -> dict:
     """Defaults with the user's overrides (unknown kinds are the caller's to reject)."""
     return {**DEFAULT_ALLOWANCES, **{str(k): float(v) for k, v in (overrides or {}).items()}}
 
 
-def bad_allowances(overrides: object) -> Optional[str]:
+def bad_allowances(overrides: object) -> str | None:
     """Why ``overrides`` is not a valid ``{kind: seconds}`` mapping, or None."""
     if overrides is None:
         return None
@@ -81,7 +80,12 @@ def bad_allowances(overrides: object) -> Optional[str]:
     for kind, seconds in overrides.items():
         if kind not in KINDS:
             return f"has unknown phase kind {kind!r} (kinds: {', '.join(KINDS)})"
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
             return f"has {kind}={seconds!r}: must be a finite number of seconds >= 0"
     return None
 
@@ -99,7 +103,7 @@ class Observer:
     def __init__(self, world_size: int, me: int, now: float) -> None:
         self.world_size, self.me, self.started_at = world_size, me, now
         self.clocks: dict[int, _Clock] = {}
-        self.store_failing_since: Optional[float] = None
+        self.store_failing_since: float | None = None
 
     def update(self, beats: dict[int, Beat], now: float) -> None:
         """Record fresh beats (this rank's own beat is recorded every round, even when the store fails)."""
@@ -120,14 +124,25 @@ class Observer:
         elif self.store_failing_since is None:
             self.store_failing_since = now
 
-    def states(self, now: float, policy: Policy) -> list["RankState"]:
+    def states(self, now: float, policy: Policy) -> list[RankState]:
         out = []
         for rank in range(self.world_size):
             clock = self.clocks.get(rank)
             if clock is None:  # never heard of: silent since we started watching
-                out.append(RankState(rank, "dead" if now - self.started_at >= policy.stall_timeout else "busy",
-                                     "unknown (never heard from)", "normal", 0, now - self.started_at,
-                                     now - self.started_at, None, None, False))  # fmt: skip
+                out.append(
+                    RankState(
+                        rank,
+                        "dead" if now - self.started_at >= policy.stall_timeout else "busy",
+                        "unknown (never heard from)",
+                        "normal",
+                        0,
+                        now - self.started_at,
+                        now - self.started_at,
+                        None,
+                        None,
+                        False,
+                    )
+                )
                 continue
             b = clock.beat
             silent, still = now - clock.heard_at, now - clock.moved_at
@@ -140,8 +155,9 @@ class Observer:
             else:
                 status = "busy"
             overdue = still >= (policy.stall_timeout if status == "waiting" else policy.allowance(b.kind))
-            out.append(RankState(rank, status, b.phase, b.kind, b.step, silent, still, b.blocked_in, b.at, overdue,
-                                 b.error))  # fmt: skip
+            out.append(
+                RankState(rank, status, b.phase, b.kind, b.step, silent, still, b.blocked_in, b.at, overdue, b.error)
+            )
         return out
 
 
@@ -154,16 +170,18 @@ class RankState:
     step: int
     silent_s: float  # since its last heartbeat
     still_s: float  # since its progress last moved
-    blocked_in: Optional[str]
-    at: Optional[str]
+    blocked_in: str | None
+    at: str | None
     overdue: bool
-    error: Optional[str] = None
+    error: str | None = None
 
     def describe(self) -> str:
         where = f"last in '{self.phase}' at global step {self.step}"
         if self.status == "dead":
-            return (f"rank {self.rank} is not responding: no heartbeat for {self.silent_s:.0f} s (its process died, "
-                    f"is frozen, or its host is unreachable); {where}")  # fmt: skip
+            return (
+                f"rank {self.rank} is not responding: no heartbeat for {self.silent_s:.0f} s (its process died, "
+                f"is frozen, or its host is unreachable); {where}"
+            )
         if self.status == "finished" and self.error:
             return f"rank {self.rank} has left the training with an error ({self.error}); {where}"
         if self.status == "finished":
@@ -171,8 +189,10 @@ class RankState:
         if self.status == "waiting":
             return f"rank {self.rank} is blocked in {self.blocked_in} for {self.still_s:.0f} s, in '{self.phase}' at global step {self.step}"
         at = f", at {self.at}" if self.at else ""
-        return (f"rank {self.rank} is alive but has not progressed for {self.still_s:.0f} s: stuck in "
-                f"'{self.phase}' at global step {self.step}{at}")  # fmt: skip
+        return (
+            f"rank {self.rank} is alive but has not progressed for {self.still_s:.0f} s: stuck in "
+            f"'{self.phase}' at global step {self.step}{at}"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,20 +213,38 @@ class Stall:
             lines += [f"    {w.describe()}" for w in self.waiters]
         if self.culprits:
             names = ", ".join(str(r) for r in self.culprit_ranks)
-            lines.append(f"  Look at the log of rank {names}" + (" (this rank)" if me in self.culprit_ranks else "") + ".")
+            lines.append(
+                f"  Look at the log of rank {names}" + (" (this rank)" if me in self.culprit_ranks else "") + "."
+            )
         return "\n".join(lines)
 
 
-def judge(observer: Observer, now: float, policy: Policy) -> Optional[Stall]:
+def judge(observer: Observer, now: float, policy: Policy) -> Stall | None:
     """The stall this observer sees now, or None while the job may still move."""
     if observer.store_failing_since is not None and now - observer.store_failing_since >= policy.stall_timeout:
         me = observer.clocks.get(observer.me)
         if me is None or now - me.moved_at >= policy.stall_timeout:
-            host = RankState(0, "dead", "unknown (its rendezvous store does not answer)", "normal", 0,
-                             now - observer.store_failing_since, now - observer.store_failing_since, None, None, True)  # fmt: skip
-            own = [s for s in observer.states(now, policy) if s.rank == observer.me and s.status == "busy" and s.overdue]
-            return Stall((host, *own), (), f"rank {observer.me} cannot reach the rendezvous store on rank 0's host for "
-                                      f"{now - observer.store_failing_since:.0f} s: rank 0 died or this host lost its network")  # fmt: skip
+            host = RankState(
+                0,
+                "dead",
+                "unknown (its rendezvous store does not answer)",
+                "normal",
+                0,
+                now - observer.store_failing_since,
+                now - observer.store_failing_since,
+                None,
+                None,
+                True,
+            )
+            own = [
+                s for s in observer.states(now, policy) if s.rank == observer.me and s.status == "busy" and s.overdue
+            ]
+            return Stall(
+                (host, *own),
+                (),
+                f"rank {observer.me} cannot reach the rendezvous store on rank 0's host for "
+                f"{now - observer.store_failing_since:.0f} s: rank 0 died or this host lost its network",
+            )
         return None
     if observer.store_failing_since is not None:
         return None  # no fresh view of the others yet
@@ -220,8 +258,11 @@ def judge(observer: Observer, now: float, policy: Policy) -> Optional[Stall]:
             return None  # someone is still working within its allowance
         culprits = gone + overdue_busy
         if not culprits:
-            return Stall((), waiters, "every rank is blocked in a collective (mismatched collective calls, or a hang "
-                                      "inside the backend)")  # fmt: skip
+            return Stall(
+                (),
+                waiters,
+                "every rank is blocked in a collective (mismatched collective calls, or a hang inside the backend)",
+            )
         return Stall(culprits, waiters, _reason(culprits))
     live_busy = [s for s in others if s.status == "busy"]
     if not waiters and live_busy and all(s.overdue for s in live_busy):

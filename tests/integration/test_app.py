@@ -74,8 +74,15 @@ def test_console_script_trains_three_steps_on_two_processes(tmp_path):
 @pytest.mark.timeout(180)
 def test_overrides_change_the_run(tmp_path):
     r = run_app(
-        tmp_path, "trainer.max_steps=2", "global_batch_size=32", "strategy.algorithm=ring", "logger=tensorboard",
-        "callbacks.large_batch.rule=sqrt", "task_name=overridden", "rank_reports=true", module=True,
+        tmp_path,
+        "trainer.max_steps=2",
+        "global_batch_size=32",
+        "strategy.algorithm=ring",
+        "logger=tensorboard",
+        "callbacks.large_batch.rule=sqrt",
+        "task_name=overridden",
+        "rank_reports=true",
+        module=True,
     )
     s = summary_of(r, tmp_path / "logs")
     assert s["global_step"] == 2 and s["communication"]["algorithm"] == "ring"
@@ -108,7 +115,10 @@ def test_bad_override_gives_hydras_error(override, message, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["global_batch_size=100", "trainer.devices=3"], "global_batch_size=100 does not divide across trainer.devices=3"),
+        (
+            ["global_batch_size=100", "trainer.devices=3"],
+            "global_batch_size=100 does not divide across trainer.devices=3",
+        ),
         (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
     ],

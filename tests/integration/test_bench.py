@@ -33,8 +33,21 @@ def test_comm_bench_on_loopback_writes_json_and_png(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_comm_bench_with_compression_adds_torchs_hook_row_and_checks_every_sum(tmp_path):
-    argv = ["comm", "--world-sizes", "2", "--sizes", "256KB", "--reps", "2", "--compression", "bf16",
-            "--algorithms", "auto,tree,native,dist.all_reduce", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "comm",
+        "--world-sizes",
+        "2",
+        "--sizes",
+        "256KB",
+        "--reps",
+        "2",
+        "--compression",
+        "bf16",
+        "--algorithms",
+        "auto,tree,native,dist.all_reduce",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_firecaffe.bench", *argv], capture_output=True, text=True, timeout=170
     )

@@ -34,8 +34,10 @@ def roundings_on_path(algorithm: str, world_size: int) -> int:
 def inputs(world_size: int, seed: int) -> list[torch.Tensor]:
     """Every rank's gradient: signs and magnitudes spread over five decades, as real gradients are."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(LENGTH, generator=g) * 10.0 ** torch.randint(-4, 1, (LENGTH,), generator=g)
-            for _ in range(world_size)]  # fmt: skip
+    return [
+        torch.randn(LENGTH, generator=g) * 10.0 ** torch.randint(-4, 1, (LENGTH,), generator=g)
+        for _ in range(world_size)
+    ]
 
 
 def _reduce_compressed(rank, world_size, batched):
@@ -76,8 +78,11 @@ def test_every_algorithm_within_its_rounding_bound_and_bitwise_identical_on_ever
             )
             assert error.max() > 0, "no rounding at all: the values did not travel in 16 bits"
             if not get_algorithm(algorithm).collective:  # the executor follows the contract exactly
-                simulated = simulate(schedule_for_bytes(algorithm, LENGTH * 2, world_size, chunk_bytes=512,
-                                                        ranks_per_node=2), xs, wire=fmt.dtype)  # fmt: skip
+                simulated = simulate(
+                    schedule_for_bytes(algorithm, LENGTH * 2, world_size, chunk_bytes=512, ranks_per_node=2),
+                    xs,
+                    wire=fmt.dtype,
+                )
                 assert torch.equal(results_here[0], simulated[0]), f"{fmt.name} {algorithm} differs from the simulator"
 
 
@@ -100,7 +105,8 @@ STEPS = 50
 def gradient(rank: int, step: int) -> torch.Tensor:
     """A fixed sequence: a per-rank base (so rounding errors repeat) plus a little per-step variation."""
     base = torch.randn(LENGTH, generator=torch.Generator().manual_seed(rank)) * 10.0 ** torch.randint(
-        -3, 1, (LENGTH,), generator=torch.Generator().manual_seed(100 + rank))
+        -3, 1, (LENGTH,), generator=torch.Generator().manual_seed(100 + rank)
+    )
     return base + 0.01 * base.abs() * torch.randn(LENGTH, generator=torch.Generator().manual_seed(1000 * step + rank))
 
 
@@ -114,7 +120,9 @@ def _accumulate(rank, world_size, algorithm, fmt_name, feedback):
     for step in range(STEPS):
         bucket = gradient(rank, step)
         prepared = compression.begin(bucket, (("w", LENGTH),))
-        executor.all_reduce_(bucket, schedule, bucket=0, step=step, wire=prepared.wire_dtype, residual=prepared.residual)
+        executor.all_reduce_(
+            bucket, schedule, bucket=0, step=step, wire=prepared.wire_dtype, residual=prepared.residual
+        )
         assert compression.finish(bucket, prepared, 0)
         compression.end_step()
         applied += bucket.double()
@@ -128,9 +136,17 @@ def test_error_feedback_keeps_the_accumulated_update_within_one_steps_rounding(a
     out of the feedback's reach; the strategy rejects the combination and ``auto`` skips it.)"""
     world_size = 3
     exact = sum(gradient(r, t).double() for r in range(world_size) for t in range(STEPS))
-    one_step = torch.stack([rounding_bound(WIRE_FORMATS[fmt], roundings_on_path(algorithm, world_size),
-                                           sum(gradient(r, t).double().abs() for r in range(world_size)), world_size)
-                            for t in range(STEPS)]).amax(0)  # the largest step's bound, per element  # fmt: skip
+    one_step = torch.stack(
+        [
+            rounding_bound(
+                WIRE_FORMATS[fmt],
+                roundings_on_path(algorithm, world_size),
+                sum(gradient(r, t).double().abs() for r in range(world_size)),
+                world_size,
+            )
+            for t in range(STEPS)
+        ]
+    ).amax(0)  # the largest step's bound, per element
     drift = {}
     for feedback in (True, False):
         results = run_ranks(_accumulate, world_size, algorithm, fmt, feedback, timeout=120)
@@ -174,9 +190,10 @@ def test_bf16_training_sends_half_the_bytes_and_reports_the_format(tmp_path, alg
 def test_fp16_overflow_skips_the_step_on_every_rank_with_a_warning_naming_the_bucket(tmp_path, algorithm):
     """Step 3's loss is scaled by 1e9: its gradients overflow fp16. The step is skipped (weights after 4
     steps equal those after 3), never an inf in the weights; the next steps train on."""
-    blown = train(tmp_path / "blown", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3",
-                  "--max-steps", "4")  # fmt: skip
-    clean = train(tmp_path / "clean", "--algorithm", algorithm, "--compression", "fp16", "--max-steps", "3")
+    blown = train(
+        tmp_path / "blown", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3", "--max-steps", "4"
+    )
+    train(tmp_path / "clean", "--algorithm", algorithm, "--compression", "fp16", "--max-steps", "3")
     assert blown["skipped_steps"] == [[3, [0]]]
     assert "gradient bucket(s) 0 overflowed" in blown["output"] and "at training step 3" in blown["output"]
     assert "optimizer step is skipped on every rank" in blown["output"]
@@ -185,8 +202,9 @@ def test_fp16_overflow_skips_the_step_on_every_rank_with_a_warning_naming_the_bu
     assert_bitwise_equal(weights, torch.load(tmp_path / "clean" / "weights.pt"))
     if algorithm != "ring":
         return
-    after = train(tmp_path / "after", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3",
-                  "--max-steps", "8")  # fmt: skip
+    after = train(
+        tmp_path / "after", "--algorithm", algorithm, "--compression", "fp16", "--blowup-at", "3", "--max-steps", "8"
+    )
     assert after["skipped_steps"] == [[3, [0]]], "one overflow, then the lowered scale fits again"
     assert all(torch.isfinite(w).all() for w in torch.load(tmp_path / "after" / "weights.pt").values())
 

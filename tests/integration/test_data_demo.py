@@ -31,8 +31,16 @@ def test_demo_validation_crops_are_held_out(demo_root):
     from lightning_firecaffe.data import ImageNetShards
 
     demo = build_demo_set(demo_root)
-    dm = ImageNetShards(train_shards=demo.train_shards, val_shards=demo.val_shards, num_workers=0, image_size=32,
-                        val_resize=36, num_classes=10, batch_size=100, with_keys=True)
+    dm = ImageNetShards(
+        train_shards=demo.train_shards,
+        val_shards=demo.val_shards,
+        num_workers=0,
+        image_size=32,
+        val_resize=36,
+        num_classes=10,
+        batch_size=100,
+        with_keys=True,
+    )
     val_keys = [k for b in dm.val_dataloader() for k in b[2]]
     assert len(val_keys) == 400 and all("_val_" in k for k in val_keys)
     labels = [int(label) for b in dm.val_dataloader() for label in b[1]]
@@ -78,8 +86,9 @@ TRAIN_SCRIPT = textwrap.dedent(
 
 @pytest.mark.timeout(420)
 def test_nin_learns_the_demo_set_under_firecaffe(demo_root, tmp_path):
-    import lightning_firecaffe  # noqa: F401  (a broken registration must fail this test, not skip it)
     from lightning.pytorch.strategies import StrategyRegistry
+
+    import lightning_firecaffe  # noqa: F401  (a broken registration must fail this test, not skip it)
 
     assert "firecaffe" in StrategyRegistry
     build_demo_set(demo_root)  # once, before the ranks start
@@ -89,8 +98,10 @@ def test_nin_learns_the_demo_set_under_firecaffe(demo_root, tmp_path):
     res = run_launcher_script([script, demo_root, tmp_path, "firecaffe", epochs], timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    print(f"firecaffe, 2 ranks, NiN 32 px: {result['steps']} steps in {result['seconds']:.0f} s, "
-          f"val top-1 {result['val/top1']:.3f}, top-5 {result['val/top5']:.3f}")
+    print(
+        f"firecaffe, 2 ranks, NiN 32 px: {result['steps']} steps in {result['seconds']:.0f} s, "
+        f"val top-1 {result['val/top1']:.3f}, top-5 {result['val/top5']:.3f}"
+    )
     assert result["world"] == 2 and result["steps"] == epochs * (1600 // (32 * 2))
     assert result["val/top1"] > 0.35, result  # chance is 0.10
     assert result["data/skipped"] == 0

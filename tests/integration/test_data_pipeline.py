@@ -57,8 +57,17 @@ def shards(tmp_path_factory):
 
 
 def datamodule(urls, **kw):
-    args = dict(train_shards=urls, val_shards=urls, batch_size=4, num_workers=0, image_size=16, val_resize=18,
-                num_classes=10, shuffle_buffer=8, with_keys=True)
+    args = dict(
+        train_shards=urls,
+        val_shards=urls,
+        batch_size=4,
+        num_workers=0,
+        image_size=16,
+        val_resize=18,
+        num_classes=10,
+        shuffle_buffer=8,
+        with_keys=True,
+    )
     args.update(kw)
     return ImageNetShards(**args)
 
@@ -185,8 +194,15 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     from lightning_firecaffe.models import ImageClassifier, NiN
 
     dm = datamodule(urls, num_workers=1, worker_start="fork", with_keys=False, image_size=32, val_resize=36)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(ImageClassifier(NiN(10)), dm)
     assert trainer.global_step == 2 * (12 // 4)  # training went on over both epochs
     assert not marker.exists()
@@ -201,7 +217,9 @@ def damaged(tmp_path):
     good = [(f"g{i}", {"jpg": jpeg(i), "cls": b"3"}) for i in range(6)]
     write_tar(tmp_path / "d-000000.tar", good[:3] + [("badjpeg", {"jpg": b"\xff\xd8\xff\xe0garbage", "cls": b"1"})])
     write_tar(tmp_path / "d-000001.tar", good[3:] + [("nolabel", {"jpg": jpeg(99)})])
-    write_tar(tmp_path / "full.tar", [(f"t{i}", {"jpg": jpeg(100 + i, size=(200, 150)), "cls": b"2"}) for i in range(3)])
+    write_tar(
+        tmp_path / "full.tar", [(f"t{i}", {"jpg": jpeg(100 + i, size=(200, 150)), "cls": b"2"}) for i in range(3)]
+    )
     data = (tmp_path / "full.tar").read_bytes()
     (tmp_path / "d-000002.tar").write_bytes(data[: len(data) * 2 // 3])  # cut inside the last member
     os.remove(tmp_path / "full.tar")
@@ -298,14 +316,18 @@ def test_train_transform_dct_scaled_decode_matches_full_decode():
 
     box = transforms.random_resized_crop_box(768, 1024, (0.5, 1.0), (3 / 4, 4 / 3), random.Random(3))
     top, left, h, w = box
-    ref = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
+    ref = (
+        Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))
+    )
     assert transforms._dct_scale(768, 1024, box, (64, 64)) != (0, 0)  # the scaled path was taken
     assert np.abs(scaled - np.asarray(ref).astype(int)).mean() < 4
     flipped = TrainTransform(64, scale=(0.5, 1.0), hflip=1.0)(data, random.Random(3))
     assert torch.equal(flipped.flip(-1), torch.from_numpy(scaled.astype(np.uint8)).permute(2, 0, 1))
 
 
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"]
+)
 def test_tar_reader_handles_long_names_in_every_format(tmp_path, fmt):
     from lightning_firecaffe.data.shards import iter_tar
 

@@ -38,8 +38,16 @@ def image_folder(tmp_path):
 
 
 def read_all(pattern, **kw):
-    dm = ImageNetShards(val_shards=pattern, batch_size=64, num_workers=0, image_size=32, val_resize=32,
-                        num_classes=3, with_keys=True, **kw)
+    dm = ImageNetShards(
+        val_shards=pattern,
+        batch_size=64,
+        num_workers=0,
+        image_size=32,
+        val_resize=32,
+        num_classes=3,
+        with_keys=True,
+        **kw,
+    )
     out = {}
     for images, labels, keys in dm.val_dataloader():
         for img, label, key in zip(images, labels, keys):
@@ -69,7 +77,9 @@ def test_image_folder_round_trip(image_folder, tmp_path):
     shard_classes = {int(first.extractfile(m).read()) for m in first.getmembers() if m.name.endswith(".cls")}
     assert len(shard_classes) > 1, "file order was not shuffled: class-pure shards"
     # original bytes are stored untouched
-    name = next(m for m in first.getmembers() if m.name.endswith(".jpg") and "gray" not in m.name and "png" not in m.name)
+    name = next(
+        m for m in first.getmembers() if m.name.endswith(".jpg") and "gray" not in m.name and "png" not in m.name
+    )
     key = name.name[:-4]
     src = image_folder / key.split("_")[0] / f"{key}.JPEG"
     assert first.extractfile(name).read() == src.read_bytes()
@@ -79,8 +89,21 @@ def test_image_folder_round_trip(image_folder, tmp_path):
 @pytest.mark.timeout(180)
 def test_cli_resize_and_val_layout(image_folder, tmp_path):
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "lightning_firecaffe.data.shard_writer", str(image_folder), str(out),
-           "--prefix", "train", "--shard-size", "100", "--resize", "100", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_firecaffe.data.shard_writer",
+        str(image_folder),
+        str(out),
+        "--prefix",
+        "train",
+        "--shard-size",
+        "100",
+        "--resize",
+        "100",
+        "--workers",
+        "1",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "17 images in 1 shards" in res.stdout and "broken.jpg" in res.stdout
@@ -97,11 +120,21 @@ def test_cli_resize_and_val_layout(image_folder, tmp_path):
         save_image(val / f"ILSVRC2012_val_{i:08d}.JPEG", (9, 9, 9))
         lines.append(f"ILSVRC2012_val_{i:08d}.JPEG {c}")
     (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
-    write_shards(str(val), str(out), prefix="val", labels_file=str(tmp_path / "val.txt"),
-                 class_map=str(out / "classes.json"), shuffle=False, progress=False, workers=1)
+    write_shards(
+        str(val),
+        str(out),
+        prefix="val",
+        labels_file=str(tmp_path / "val.txt"),
+        class_map=str(out / "classes.json"),
+        shuffle=False,
+        progress=False,
+        workers=1,
+    )
     got = read_all(str(out / "val-000000.tar"))
     assert {k: v[0] for k, v in got.items()} == {
-        "ILSVRC2012_val_00000000": 2, "ILSVRC2012_val_00000001": 0, "ILSVRC2012_val_00000002": 2
+        "ILSVRC2012_val_00000000": 2,
+        "ILSVRC2012_val_00000001": 0,
+        "ILSVRC2012_val_00000002": 2,
     }
     res = subprocess.run(cmd[:3] + [str(tmp_path / "missing"), str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "error:" in res.stderr
@@ -117,8 +150,15 @@ def test_reads_shards_written_by_gnu_tar(tmp_path):
     (files / "sample000.txt").write_text("extra members are ignored")
     shard = tmp_path / "gnu-000000.tar"
     subprocess.run(["tar", "--sort=name", "-cf", str(shard), "-C", str(files), "."], check=True)
-    dm = ImageNetShards(train_shards=str(shard), batch_size=2, num_workers=0, image_size=16, val_resize=16,
-                        num_classes=2, with_keys=True)
+    dm = ImageNetShards(
+        train_shards=str(shard),
+        batch_size=2,
+        num_workers=0,
+        image_size=16,
+        val_resize=16,
+        num_classes=2,
+        with_keys=True,
+    )
     assert dm.batches_per_epoch() == 3  # counted from tar headers: no info file beside GNU tar shards
     got = read_all(str(shard))
     assert sorted(got) == [f"./sample{i:03d}" for i in range(6)]

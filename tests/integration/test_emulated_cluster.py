@@ -21,8 +21,8 @@ from lightning_firecaffe.testing.cluster import (
     can_emulate,
     down_all,
     list_runs,
+    workloads,
 )
-from lightning_firecaffe.testing.cluster import workloads
 
 CAN_EMULATE, REASON = can_emulate()
 needs_cluster = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
@@ -131,8 +131,9 @@ def test_workload_that_raises_propagates_and_cleans_up():
     with pytest.raises(ClusterRunError) as info:
         with EmulatedCluster(hosts=3, rate="1gbit") as cluster:
             run_id = cluster.run_id
-            cluster.run(workloads.fail, kwargs={"message": "boom on rank 1", "rank": 1}, world_size=2,
-                        timeout=60, fail_fast=1.0)
+            cluster.run(
+                workloads.fail, kwargs={"message": "boom on rank 1", "rank": 1}, world_size=2, timeout=60, fail_fast=1.0
+            )
     err = info.value
     assert "boom on rank 1" in str(err)
     assert isinstance(err.__cause__, ValueError) and str(err.__cause__) == "boom on rank 1"
@@ -176,8 +177,19 @@ def test_cli_run_torn_down_on_signal(sig):
     """`python -m lightning_firecaffe.testing.cluster run ... -- sleep` killed with SIGTERM or Ctrl-C leaves nothing."""
     before, runs_before = _snapshot(), set(list_runs())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "lightning_firecaffe.testing.cluster", "run", "--hosts", "2", "--rate", "1gbit",
-           "--", "sleep", "300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_firecaffe.testing.cluster",
+        "run",
+        "--hosts",
+        "2",
+        "--rate",
+        "1gbit",
+        "--",
+        "sleep",
+        "300",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

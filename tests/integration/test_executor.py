@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_firecaffe.testing.ranks import run_ranks
 from lightning_firecaffe.comm.executor import PeerStallError, ScheduleExecutor
 from lightning_firecaffe.comm.schedules import Op, algorithm_names, chunk_offsets, schedule_for_bytes
+from lightning_firecaffe.testing.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,13 +33,16 @@ def _compare_with_all_reduce(rank, world_size, chunk_bytes, batched=False):
                 if name == "int":
                     ok = torch.equal(mine, expected)
                 else:
-                    ok = torch.allclose(mine, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max() if length else 1))
+                    ok = torch.allclose(
+                        mine, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max() if length else 1)
+                    )
                 report[(algorithm, length, name)] = ok
     return report, executor.counters.bytes_sent, executor.scratch_bytes
 
 
 @pytest.mark.parametrize(
-    "world_size, batched", [(2, False), (3, False), (4, False), (5, False), (3, True), (4, True)],
+    "world_size, batched",
+    [(2, False), (3, False), (4, False), (5, False), (3, True), (4, True)],
     ids=["2", "3", "4", "5", "3-lockstep", "4-lockstep"],
 )
 def test_every_algorithm_equals_dist_all_reduce(world_size, batched):
@@ -112,10 +115,12 @@ def _largest_round_receive(schedule, rank, numel):
     """Bytes this rank receives in its busiest round (from the schedule alone, not the executor)."""
     offsets = chunk_offsets(numel, schedule.num_chunks)
     return 4 * max(
-        (sum(offsets[m.hi] - offsets[m.lo] for m in messages if m.op is not Op.SEND)
-         for messages in schedule.messages_of(rank)),
+        (
+            sum(offsets[m.hi] - offsets[m.lo] for m in messages if m.op is not Op.SEND)
+            for messages in schedule.messages_of(rank)
+        ),
         default=0,
-    )  # fmt: skip
+    )
 
 
 def _peak_scratch(rank, world_size):

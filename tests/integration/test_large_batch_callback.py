@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from lightning_firecaffe.callbacks import LargeBatchScaling
 
-
 # ----------------------------------------------------------------------------- Lightning
 
 
@@ -48,18 +47,34 @@ class LRRecorder(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.out is not None and trainer.global_rank == 0:
             cb = next(c for c in trainer.callbacks if isinstance(c, LargeBatchScaling))
-            self.out.write_text(json.dumps({
-                "steps": self.steps, "global_batch": cb.global_batch, "layout": cb.batch_layout,
-                "max_iter": cb.lr_plan.max_iter, "warmup_iters": cb.lr_plan.warmup_iters,
-                "world_size": trainer.world_size, "summary": cb.describe(),
-            }))
+            self.out.write_text(
+                json.dumps(
+                    {
+                        "steps": self.steps,
+                        "global_batch": cb.global_batch,
+                        "layout": cb.batch_layout,
+                        "max_iter": cb.lr_plan.max_iter,
+                        "warmup_iters": cb.lr_plan.warmup_iters,
+                        "world_size": trainer.world_size,
+                        "summary": cb.describe(),
+                    }
+                )
+            )
 
 
 def _trainer(tmp_path, callbacks, **kw):
     args = dict(
-        accelerator="cpu", devices=1, max_epochs=3, limit_train_batches=8, limit_val_batches=0,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=3,
+        limit_train_batches=8,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     args.update(kw)
     return pl.Trainer(callbacks=callbacks, **args)
@@ -70,8 +85,9 @@ def test_callback_follows_the_schedule_and_logs_every_step(tmp_path, caplog):
 
     cb = LargeBatchScaling(reference_batch=2, warmup=1, unit="epoch", decay="poly", power=0.5)
     rec = LRRecorder()
-    trainer = _trainer(tmp_path, [cb, rec], accumulate_grad_batches=2, log_every_n_steps=1,
-                       logger=CSVLogger(tmp_path, name="csv"))
+    trainer = _trainer(
+        tmp_path, [cb, rec], accumulate_grad_batches=2, log_every_n_steps=1, logger=CSVLogger(tmp_path, name="csv")
+    )
     trainer.fit(TinyModel(batch_size=2, lr=0.1))
     # global batch 2 x 1 x 2 = 4 = 2x the reference; 8 batches / 2 = 4 steps per epoch, 3 epochs
     assert cb.global_batch == 4 and cb.batch_layout == {"per_device": 2, "world_size": 1, "accumulate": 2}
@@ -147,8 +163,13 @@ def test_global_batch_inferred_across_two_processes_and_accumulation(tmp_path):
     out = tmp_path / "rank0.json"
     cb = LargeBatchScaling(reference_batch=4, warmup=2, unit="step", decay="poly", power=1.0)
     trainer = _trainer(
-        tmp_path, [cb, LRRecorder(out)], strategy="ddp_fork", devices=2, accumulate_grad_batches=4,
-        max_epochs=1, limit_train_batches=16,
+        tmp_path,
+        [cb, LRRecorder(out)],
+        strategy="ddp_fork",
+        devices=2,
+        accumulate_grad_batches=4,
+        max_epochs=1,
+        limit_train_batches=16,
     )
     trainer.fit(TinyModel(batch_size=2, lr=0.05))
     got = json.loads(out.read_text())

@@ -35,7 +35,9 @@ def star(world_size, num_chunks=1, **_):
 
 @pytest.fixture
 def registered_star():
-    register_algorithm("star", chunking=whole_buffer, summary="everyone to the last rank and back", cost="2 (p-1) N/B")(star)
+    register_algorithm("star", chunking=whole_buffer, summary="everyone to the last rank and back", cost="2 (p-1) N/B")(
+        star
+    )
     yield get_algorithm("star")
     unregister_algorithm("star")
     StrategyRegistry.remove("firecaffe_star")
@@ -64,7 +66,19 @@ def test_it_is_priced_considered_by_auto_and_accepted_by_the_strategy(registered
 @pytest.mark.timeout(120)
 def test_the_comm_benchmark_measures_it(registered_star, tmp_path, capsys):
     """Ranks are forked, so they inherit the registration; the benchmark checks every sum it computes."""
-    argv = ["comm", "--algorithms", "all", "--world-sizes", "3", "--sizes", "1KB", "--reps", "1", "--out", str(tmp_path)]
+    argv = [
+        "comm",
+        "--algorithms",
+        "all",
+        "--world-sizes",
+        "3",
+        "--sizes",
+        "1KB",
+        "--reps",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench_main(argv) == 0
     rows = json.loads((tmp_path / "comm.json").read_text())["reports"][0]["results"]
     assert "star" in {r["algorithm"] for r in rows}

@@ -31,8 +31,15 @@ APP_DIR = ROOT / "tests" / "integration" / "slurm_app"
 APP = APP_DIR / "hydra_app.py"  # the stand-in whose tasks can die at once (test c)
 FIRECAFFE_TRAIN = Path(sys.executable).with_name("firecaffe-train")
 # tiny settings for the real app: a few steps of NiN on the demo shards, 2 ranks, no progress bar in the logs
-TINY = ["data=demo", "model=nin", "trainer.max_steps=4", "global_batch_size=16", "rank_reports=true",
-        "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false"]
+TINY = [
+    "data=demo",
+    "model=nin",
+    "trainer.max_steps=4",
+    "global_batch_size=16",
+    "rank_reports=true",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+]
 SBATCH_EXAMPLE = ROOT / "examples" / "sbatch_firecaffe.sh"
 JOB_TIMEOUT = 120  # seconds a submitted job may take, queueing included
 
@@ -69,7 +76,9 @@ def read_ranks(out_dir: Path) -> dict[int, dict]:
 
 def check_two_slurm_ranks(out_dir: Path, diagnostics: str) -> None:
     ranks = read_ranks(out_dir)
-    assert sorted(ranks) == [0, 1], f"expected files from ranks 0 and 1 in {out_dir}, got {sorted(ranks)}\n{diagnostics}"
+    assert sorted(ranks) == [0, 1], (
+        f"expected files from ranks 0 and 1 in {out_dir}, got {sorted(ranks)}\n{diagnostics}"
+    )
     for rank, f in ranks.items():
         assert f["cluster_environment"] == "SLURMEnvironment", f
         assert f["strategy"] == "FireCaffeStrategy", f
@@ -93,8 +102,12 @@ def test_sbatch_example_trains_on_two_slurm_ranks(slurm, tmp_path):
     env["FIRECAFFE_TRAIN"] = str(FIRECAFFE_TRAIN)  # this venv's console script (the example's default name)
     t0 = time.monotonic()
     job_id = slurm.sbatch(
-        f"--output={tmp_path}/slurm-%j.out", str(SBATCH_EXAMPLE), f"hydra.run.dir={out}", *TINY,
-        env=env, cwd=tmp_path,
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH_EXAMPLE),
+        f"hydra.run.dir={out}",
+        *TINY,
+        env=env,
+        cwd=tmp_path,
     )
     state = slurm.wait_job(job_id, timeout=JOB_TIMEOUT)
     diagnostics = f"job {job_id} {state}\n{job_logs(tmp_path, 'slurm-*.out')}"
@@ -108,7 +121,8 @@ def hydra_multirun(cluster: LocalSlurm, tmp_path: Path, app: list[str], *overrid
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
     cmd = [
-        *app, "-m",
+        *app,
+        "-m",
         "hydra/launcher=submitit_slurm",
         "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.timeout_min=5",
@@ -119,10 +133,14 @@ def hydra_multirun(cluster: LocalSlurm, tmp_path: Path, app: list[str], *overrid
         *overrides,
     ]
     try:
-        return subprocess.run(cmd, env=job_env(cluster), cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+        return subprocess.run(
+            cmd, env=job_env(cluster), cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT
+        )
     except subprocess.TimeoutExpired as exc:
         cluster.run("scancel", "--user=root", timeout=10, check=False)
-        pytest.fail(f"Hydra submitit launcher did not return within {JOB_TIMEOUT} s\n{exc.stderr}\n{job_logs(sweep, '*_log.*')}")
+        pytest.fail(
+            f"Hydra submitit launcher did not return within {JOB_TIMEOUT} s\n{exc.stderr}\n{job_logs(sweep, '*_log.*')}"
+        )
 
 
 @pytest.mark.timeout(180)
@@ -132,7 +150,9 @@ def test_hydra_submitit_launcher_trains_on_two_slurm_ranks(slurm, tmp_path):
     r = hydra_multirun(slurm, tmp_path, [str(FIRECAFFE_TRAIN)], *TINY)
     sweep = tmp_path / "multirun"
     out = sweep / "0"  # the job's output dir
-    diagnostics = f"hydra rc={r.returncode}\nstdout={r.stdout[-3000:]}\nstderr={r.stderr[-3000:]}\n{job_logs(sweep, '*_log.*')}"
+    diagnostics = (
+        f"hydra rc={r.returncode}\nstdout={r.stdout[-3000:]}\nstderr={r.stderr[-3000:]}\n{job_logs(sweep, '*_log.*')}"
+    )
     assert r.returncode == 0, diagnostics
     check_two_slurm_ranks(out, diagnostics)
     job_id = read_ranks(out)[0]["slurm_job_id"]
@@ -147,8 +167,13 @@ def test_hydra_submitit_launcher_reports_a_dead_job(slurm, tmp_path):
     """Tasks that exit without a result: submitit learns it from accounting (sacct) and Hydra fails, no hang."""
     t0 = time.monotonic()
     r = hydra_multirun(
-        slurm, tmp_path, [sys.executable, str(APP)], "die=true", f"out_dir={tmp_path / 'ranks'}",
-        "hydra.launcher.tasks_per_node=2", "hydra.launcher.nodes=1",  # the stand-in's launcher is not wired
+        slurm,
+        tmp_path,
+        [sys.executable, str(APP)],
+        "die=true",
+        f"out_dir={tmp_path / 'ranks'}",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.nodes=1",  # the stand-in's launcher is not wired
     )
     assert r.returncode != 0, r.stdout[-2000:]
     assert "UncompletedJobError" in r.stderr and "FAILED" in r.stderr, r.stderr[-3000:]

@@ -21,21 +21,35 @@ from pathlib import Path
 
 import pytest
 
-from lightning_firecaffe.testing.slurm import SlurmUnavailable, check_prerequisites
 from lightning_firecaffe.testing.cluster import can_emulate
+from lightning_firecaffe.testing.slurm import SlurmUnavailable, check_prerequisites
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRECAFFE_TRAIN = Path(sys.executable).with_name("firecaffe-train")
 SBATCH_EXAMPLE = ROOT / "examples" / "sbatch_firecaffe.sh"
 STEPS = 3
 # 2 nodes x 2 ranks of NiN on the demo shards, pinned to two_level, a few steps, no progress bar
-TINY = ["data=demo", "model=nin", f"trainer.max_steps={STEPS}", "rank_reports=true", "strategy.algorithm=two_level",
-        "callbacks.progress_bar=null", "+trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+TINY = [
+    "data=demo",
+    "model=nin",
+    f"trainer.max_steps={STEPS}",
+    "rank_reports=true",
+    "strategy.algorithm=two_level",
+    "callbacks.progress_bar=null",
+    "+trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
 # the sbatch runs: 3 epochs of 2 steps, the preemption checkpoint at an epoch end (bitwise-exact resume)
 EPOCHS_STEPS = 6
-EPOCHS = [*(o for o in TINY if not o.startswith("trainer.max_steps")), f"trainer.max_steps={EPOCHS_STEPS}",
-          "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "callbacks.requeue.at=epoch", "+data.persistent_workers=false",
-          "global_batch_size=8"]
+EPOCHS = [
+    *(o for o in TINY if not o.startswith("trainer.max_steps")),
+    f"trainer.max_steps={EPOCHS_STEPS}",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "callbacks.requeue.at=epoch",
+    "+data.persistent_workers=false",
+    "global_batch_size=8",
+]
 REFERENCE: dict[str, str] = {}  # final weights of the uninterrupted sbatch run, for the preemption test
 JOB_TIMEOUT = 240  # seconds one job may take, queueing included (4 ranks share 2 cores)
 
@@ -111,15 +125,26 @@ def check_links_carried_the_gradients(cluster, before: dict, ranks: dict[int, di
 def hydra_multirun(cluster, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
-    cmd = [str(FIRECAFFE_TRAIN), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=10", "hydra.launcher.partition=debug", f"hydra.sweep.dir={sweep}", *overrides]
+    cmd = [
+        str(FIRECAFFE_TRAIN),
+        "-m",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.partition=debug",
+        f"hydra.sweep.dir={sweep}",
+        *overrides,
+    ]
     try:
-        return subprocess.run(cmd, env=job_env(cluster), cwd=tmp_path, capture_output=True, text=True,
-                              timeout=2 * JOB_TIMEOUT)
+        return subprocess.run(
+            cmd, env=job_env(cluster), cwd=tmp_path, capture_output=True, text=True, timeout=2 * JOB_TIMEOUT
+        )
     except subprocess.TimeoutExpired as exc:
         cluster.run("scancel", "--user=root", timeout=10, check=False)
-        pytest.fail(f"Hydra submitit launcher did not return within {2 * JOB_TIMEOUT} s\n{exc.stderr}\n"
-                    f"{job_logs(sweep, '*_log.*')}")
+        pytest.fail(
+            f"Hydra submitit launcher did not return within {2 * JOB_TIMEOUT} s\n{exc.stderr}\n"
+            f"{job_logs(sweep, '*_log.*')}"
+        )
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT + 120)
@@ -129,8 +154,9 @@ def test_hydra_submitit_sweep_trains_on_two_nodes_with_two_level(slurm2, tmp_pat
     before = slurm2.link_bytes()
     r = hydra_multirun(slurm2, tmp_path, "trainer.num_nodes=2", "trainer.devices=2", "global_batch_size=8,16", *TINY)
     sweep = tmp_path / "multirun"
-    diagnostics = f"hydra rc={r.returncode}\nstdout={r.stdout[-2000:]}\nstderr={r.stderr[-3000:]}\n" \
-                  f"{job_logs(sweep, '*_log.*')}"
+    diagnostics = (
+        f"hydra rc={r.returncode}\nstdout={r.stdout[-2000:]}\nstderr={r.stderr[-3000:]}\n{job_logs(sweep, '*_log.*')}"
+    )
     assert r.returncode == 0, diagnostics
     job_ids = []
     for job in ("0", "1"):
@@ -147,9 +173,16 @@ def test_hydra_submitit_sweep_trains_on_two_nodes_with_two_level(slurm2, tmp_pat
 
 
 def sbatch_example(cluster, tmp_path: Path, out: Path, *overrides: str, env: dict | None = None) -> str:
-    return cluster.sbatch("--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/slurm-%j.out",
-                          str(SBATCH_EXAMPLE), f"hydra.run.dir={out}", *overrides,
-                          env=env or job_env(cluster), cwd=tmp_path)
+    return cluster.sbatch(
+        "--nodes=2",
+        "--ntasks-per-node=2",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH_EXAMPLE),
+        f"hydra.run.dir={out}",
+        *overrides,
+        env=env or job_env(cluster),
+        cwd=tmp_path,
+    )
 
 
 def run_reference(cluster, tmp_path: Path) -> dict[int, dict]:
@@ -214,8 +247,10 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm2, tmp_path):
     assert "Restoring states from the checkpoint path at" in log and "hpc_ckpt_1.ckpt" in log, diagnostics
     ranks = check_two_nodes_two_ranks(out, diagnostics, steps=EPOCHS_STEPS)
     assert {f["weights_sha256"] for f in ranks.values()} == {REFERENCE["weights_sha256"]}, diagnostics
-    print(f"\npreempted job {job_id}: requeued, resumed, bitwise equal to the uninterrupted run; "
-          f"{time.monotonic() - t0:.1f} s")
+    print(
+        f"\npreempted job {job_id}: requeued, resumed, bitwise equal to the uninterrupted run; "
+        f"{time.monotonic() - t0:.1f} s"
+    )
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
@@ -224,9 +259,17 @@ def test_a_wrong_gloo_interface_fails_fast_naming_the_interfaces(slurm2, tmp_pat
     t0 = time.monotonic()
     env = job_env(slurm2)
     env["GLOO_SOCKET_IFNAME"] = "doesnotexist"  # sbatch exports the submitting environment to the job
-    job_id = slurm2.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.out",
-                           str(SBATCH_EXAMPLE), f"hydra.run.dir={tmp_path / 'run'}", "global_batch_size=8", *TINY,
-                           env=env, cwd=tmp_path)
+    job_id = slurm2.sbatch(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--output={tmp_path}/slurm-%j.out",
+        str(SBATCH_EXAMPLE),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "global_batch_size=8",
+        *TINY,
+        env=env,
+        cwd=tmp_path,
+    )
     state = slurm2.wait_job(job_id, timeout=JOB_TIMEOUT)
     elapsed = time.monotonic() - t0
     log = job_logs(tmp_path, "slurm-*.out", tail=100_000)
@@ -259,12 +302,27 @@ def test_a_dead_node_fails_the_job_naming_the_lost_ranks(slurm2, tmp_path):
     launcher returns the failed job instead of waiting."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
-    overrides = [*(o for o in TINY if not o.startswith("trainer.max_steps")), "trainer.max_steps=200", "trainer.max_epochs=1000",
-                 "+trainer.limit_val_batches=1", "global_batch_size=8", f"strategy.stall_timeout={STALL_TIMEOUT}",
-                 "callbacks.requeue=null"]  # its per-step flag all-reduce would be a second place to notice the loss
-    cmd = [str(FIRECAFFE_TRAIN), "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=10", "hydra.launcher.partition=debug", f"hydra.sweep.dir={sweep}",
-           "trainer.num_nodes=2", "trainer.devices=2", *overrides]
+    overrides = [
+        *(o for o in TINY if not o.startswith("trainer.max_steps")),
+        "trainer.max_steps=200",
+        "trainer.max_epochs=1000",
+        "+trainer.limit_val_batches=1",
+        "global_batch_size=8",
+        f"strategy.stall_timeout={STALL_TIMEOUT}",
+        "callbacks.requeue=null",
+    ]  # its per-step flag all-reduce would be a second place to notice the loss
+    cmd = [
+        str(FIRECAFFE_TRAIN),
+        "-m",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.partition=debug",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.num_nodes=2",
+        "trainer.devices=2",
+        *overrides,
+    ]
     t0 = time.monotonic()
     before = slurm2.link_bytes()["node1"]["tx_bytes"]
     with open(tmp_path / "hydra.out", "w") as out, open(tmp_path / "hydra.err", "w") as err:
@@ -293,11 +351,15 @@ def test_a_dead_node_fails_the_job_naming_the_lost_ranks(slurm2, tmp_path):
     # the survivors on node0 failed naming a lost rank (2 or 3, node1's): Hydra's job wrapper keeps the error
     # in the task's result (submitit logs "completed"), where the launcher would raise it
     errors = [str(survivor_error(sweep, task)) for task in (0, 1)]
-    assert "FireCaffe all-reduce on rank 0: rank 2 closed its connection" in errors[0] or \
-        "FireCaffe all-reduce on rank 0: rank 3" in errors[0], errors
+    assert (
+        "FireCaffe all-reduce on rank 0: rank 2 closed its connection" in errors[0]
+        or "FireCaffe all-reduce on rank 0: rank 3" in errors[0]
+    ), errors
     assert all("gradient bucket" in e for e in errors), errors
     assert returned_after < slurm2.slurmd_timeout + STALL_TIMEOUT + 60, returned_after
     assert not list(sweep.glob("0/ranks/*.json"))
     slurm2.restart_node(1)  # leave the cluster whole
-    print(f"\ndead node: survivors failed, launcher returned {returned_after:.1f} s after the kill "
-          f"(stall timeout {STALL_TIMEOUT} s, SlurmdTimeout {slurm2.slurmd_timeout} s); {time.monotonic() - t0:.1f} s")
+    print(
+        f"\ndead node: survivors failed, launcher returned {returned_after:.1f} s after the kill "
+        f"(stall timeout {STALL_TIMEOUT} s, SlurmdTimeout {slurm2.slurmd_timeout} s); {time.monotonic() - t0:.1f} s"
+    )

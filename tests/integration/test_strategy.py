@@ -21,16 +21,22 @@ SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 # variant -> (ddp arguments, firecaffe arguments) of train_tiny.py
 VARIANTS = {
     "plain": (["--strategy", "ddp"], ["--strategy", "firecaffe"]),
-    "accumulate": (["--strategy", "ddp", "--accumulate", "2"],
-                   ["--object", "--algorithm", "auto", "--link", "measure", "--accumulate", "2"]),
+    "accumulate": (
+        ["--strategy", "ddp", "--accumulate", "2"],
+        ["--object", "--algorithm", "auto", "--link", "measure", "--accumulate", "2"],
+    ),
     "unused_parameter": (["--strategy", "ddp", "--unused"], ["--object", "--algorithm", "pipelined_tree", "--unused"]),
-    "bf16_mixed": (["--strategy", "ddp", "--precision", "bf16-mixed"],
-                   ["--strategy", "firecaffe_ring", "--precision", "bf16-mixed"]),
-    "tiny_buckets": (["--strategy", "ddp", "--bucket-cap-mb", "0.001"],
-                     ["--object", "--algorithm", "double_tree", "--bucket-cap-mb", "0.001"]),
+    "bf16_mixed": (
+        ["--strategy", "ddp", "--precision", "bf16-mixed"],
+        ["--strategy", "firecaffe_ring", "--precision", "bf16-mixed"],
+    ),
+    "tiny_buckets": (
+        ["--strategy", "ddp", "--bucket-cap-mb", "0.001"],
+        ["--object", "--algorithm", "double_tree", "--bucket-cap-mb", "0.001"],
+    ),
     "spawn": (["--strategy", "ddp"], ["--strategy", "firecaffe_spawn"]),  # the launcher does not change the sums
     "fork": (["--strategy", "ddp"], ["--strategy", "firecaffe_fork"]),
-}  # fmt: skip
+}
 
 
 def train(out: Path, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:

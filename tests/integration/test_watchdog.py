@@ -24,9 +24,14 @@ def run_job(out: Path, *args: str, timeout: float = 150) -> tuple[int, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--stall-timeout", str(T), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--stall-timeout", str(T), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)  # returns once every process holding the pipe is gone
     except subprocess.TimeoutExpired:

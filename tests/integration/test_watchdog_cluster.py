@@ -18,8 +18,22 @@ pytestmark = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_job.py"
 T = 10.0
 HOSTS = 3
-JOB = ["--devices", "1", "--num-nodes", str(HOSTS), "--algorithm", "tree", "--stall-timeout", str(T),
-       "--max-steps", "16", "--step-sleep", "0.3", "--mark-step", "4"]  # fmt: skip
+JOB = [
+    "--devices",
+    "1",
+    "--num-nodes",
+    str(HOSTS),
+    "--algorithm",
+    "tree",
+    "--stall-timeout",
+    str(T),
+    "--max-steps",
+    "16",
+    "--step-sleep",
+    "0.3",
+    "--mark-step",
+    "4",
+]
 
 
 def train(cluster: EmulatedCluster, out: Path, fault=None, timeout: float = 150.0):
@@ -29,8 +43,13 @@ def train(cluster: EmulatedCluster, out: Path, fault=None, timeout: float = 150.
     results, fault_at = {}, {}
 
     def run():
-        results["ranks"] = cluster.run([sys.executable, str(SCRIPT), "--out", str(out), *JOB], timeout=timeout,
-                                       backend=None, check=False, fail_fast=None)  # fmt: skip
+        results["ranks"] = cluster.run(
+            [sys.executable, str(SCRIPT), "--out", str(out), *JOB],
+            timeout=timeout,
+            backend=None,
+            check=False,
+            fail_fast=None,
+        )
 
     runner = threading.Thread(target=run)
     started = time.monotonic()
@@ -92,8 +111,13 @@ def test_ten_times_slower_link_training_finishes_and_the_straggler_report_names_
         ns = c.host_namespaces[2]
         import subprocess
 
-        for args in (["-n", ns, "qdisc", "replace", "dev", INTERFACE], ["-n", c.bridge_namespace, "qdisc", "replace", "dev", "h2"]):
-            subprocess.run(["tc", *args, "root", "tbf", "rate", "100mbit", "burst", "65536", "latency", "100ms"], check=True)
+        for args in (
+            ["-n", ns, "qdisc", "replace", "dev", INTERFACE],
+            ["-n", c.bridge_namespace, "qdisc", "replace", "dev", "h2"],
+        ):
+            subprocess.run(
+                ["tc", *args, "root", "tbf", "rate", "100mbit", "burst", "65536", "latency", "100ms"], check=True
+            )
 
     with EmulatedCluster(hosts=HOSTS, rate="1gbit") as cluster:
         ranks, _ = train(cluster, tmp_path, fault=slow)

@@ -93,7 +93,9 @@ def test_default_config_is_the_embedded_demo(tmp_path):
     # the demo's LR: 0.01 at batch 32, the only callback setting the run changes
     assert cfg.model.lr == 0.01
     assert {k: v for k, v in cfg.callbacks.large_batch.items() if v is not None} == {
-        "_target_": "lightning_firecaffe.callbacks.LargeBatchScaling", "reference_batch": 32}
+        "_target_": "lightning_firecaffe.callbacks.LargeBatchScaling",
+        "reference_batch": 32,
+    }
     # experiment=demo is the same run
     demo = compose_cfg(tmp_path, "experiment=demo")
     assert {k: demo[k] for k in demo if k != "hydra"} == {k: cfg[k] for k in cfg if k != "hydra"}
@@ -169,7 +171,14 @@ def test_paper_googlenet_takes_the_preset(tmp_path):
     assert cfg.global_batch_size == 1024 and cfg.trainer.max_epochs == 72
     assert type(objs["model"].backbone).__name__ == "GoogLeNet" and objs["strategy"].algorithm == "tree"
     assert (lb.preset, lb.base_lr, lb.reference_batch, lb.rule, lb.decay, lb.power, lb.warmup) == (
-        "firecaffe", 0.08, 1024, "linear", "poly", 0.5, 0)
+        "firecaffe",
+        0.08,
+        1024,
+        "linear",
+        "poly",
+        0.5,
+        0,
+    )
     assert (lb.momentum, lb.weight_decay) == (0.9, 2e-4)
 
 
@@ -195,26 +204,41 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
     "overrides, message",
     [
         # spanning groups: app_checks' own checks
-        (["global_batch_size=100", "trainer.devices=3"], "global_batch_size=100 does not divide across trainer.devices=3"),
+        (
+            ["global_batch_size=100", "trainer.devices=3"],
+            "global_batch_size=100 does not divide across trainer.devices=3",
+        ),
         (["trainer.devices=auto"], "trainer.devices='auto' must be a positive integer"),
-        (["callbacks.large_batch.warmup=8"],
-         "callbacks.large_batch.warmup=8 epochs is not shorter than training (trainer.max_epochs=8)"),
-        (["callbacks.large_batch.warmup=1", "trainer.max_steps=5"],
-         "callbacks.large_batch.warmup=1 epochs (= 25 steps of global_batch_size=64 over 1600 images) is not "
-         "shorter than trainer.max_steps=5"),
+        (
+            ["callbacks.large_batch.warmup=8"],
+            "callbacks.large_batch.warmup=8 epochs is not shorter than training (trainer.max_epochs=8)",
+        ),
+        (
+            ["callbacks.large_batch.warmup=1", "trainer.max_steps=5"],
+            "callbacks.large_batch.warmup=1 epochs (= 25 steps of global_batch_size=64 over 1600 images) is not "
+            "shorter than trainer.max_steps=5",
+        ),
         (["data=imagenet", "paths.imagenet=null"], "paths.imagenet is not set"),
-        (["model.lr_policy=poly"], "model.lr_policy='poly' must be 'fixed' while LargeBatchScaling sets the learning rate"),
+        (
+            ["model.lr_policy=poly"],
+            "model.lr_policy='poly' must be 'fixed' while LargeBatchScaling sets the learning rate",
+        ),
         # one group: the constructor's check, reported under its config key
         (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
         (["strategy.algorithm=butterfly"], "strategy.algorithm='butterfly' is not one of auto, "),
         (["strategy.compression=int8"], "strategy.compression='int8' is not one of None, 'bf16', 'fp16'"),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
-        (["callbacks.large_batch.reference_batch=0"], "callbacks.large_batch.reference_batch=0 must be an integer >= 1"),
+        (
+            ["callbacks.large_batch.reference_batch=0"],
+            "callbacks.large_batch.reference_batch=0 must be an integer >= 1",
+        ),
         (["callbacks.large_batch.preset=alexnet"], "callbacks.large_batch.preset='alexnet' is not one of firecaffe"),
         (["model.lr=-1"], "model.lr=-1 must be a positive, finite learning rate"),
         # a constructor that raises a plain ValueError: the message under the group's key
-        (["+callbacks.bad._target_=fractions.Fraction", "+callbacks.bad.numerator=x"],
-         "callbacks.bad: Invalid literal for Fraction: 'x'"),
+        (
+            ["+callbacks.bad._target_=fractions.Fraction", "+callbacks.bad.numerator=x"],
+            "callbacks.bad: Invalid literal for Fraction: 'x'",
+        ),
     ],
 )
 def test_invalid_settings_are_reported_with_their_config_key(overrides, message, tmp_path):
@@ -229,4 +253,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         app_checks.build(cfg)
     lines = str(err.value).splitlines()[1:]
     assert [line.split("=")[0].strip(" -") for line in lines] == [
-        "model.lr", "strategy.arity", "callbacks.large_batch.rule"], str(err.value)
+        "model.lr",
+        "strategy.arity",
+        "callbacks.large_batch.rule",
+    ], str(err.value)

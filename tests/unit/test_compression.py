@@ -47,7 +47,9 @@ def test_every_schedule_rounds_p_times_on_any_path_and_ends_identical_everywhere
     xs = [torch.randn(777, generator=g) * 10.0 ** torch.randint(-4, 1, (777,), generator=g) for _ in range(world_size)]
     exact = torch.stack([x.double() for x in xs]).sum(0)
     abs_sum = torch.stack([x.double().abs() for x in xs]).sum(0)
-    out = simulate(schedule_for_bytes(algorithm, 777 * 2, world_size, chunk_bytes=256, ranks_per_node=2), xs, wire.dtype)
+    out = simulate(
+        schedule_for_bytes(algorithm, 777 * 2, world_size, chunk_bytes=256, ranks_per_node=2), xs, wire.dtype
+    )
     assert all(torch.equal(o, out[0]) for o in out)
     error = (out[0].double() - exact).abs()
     assert (error <= rounding_bound(wire, world_size, abs_sum, additions=world_size)).all()

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from lightning_firecaffe.comm.dataflow import plan_dataflow
-from lightning_firecaffe.comm.schedules import Op, ScheduleError, Transfer, algorithms, build, schedule_for_bytes, validate
+from lightning_firecaffe.comm.schedules import (
+    Op,
+    ScheduleError,
+    Transfer,
+    algorithms,
+    build,
+    schedule_for_bytes,
+    validate,
+)
 from lightning_firecaffe.comm.simulator import simulate
 
 

@@ -43,8 +43,7 @@ def test_sqrt_vs_linear_peak():
 
 
 def test_warmup_endpoints_and_midpoint():
-    s = LRPlan(base_lr=0.1, global_batch=2048, reference_batch=256, max_iter=100, warmup_iters=10,
-                   decay="constant")
+    s = LRPlan(base_lr=0.1, global_batch=2048, reference_batch=256, max_iter=100, warmup_iters=10, decay="constant")
     assert s.lr_at(0) == pytest.approx(0.1)  # starts at the base LR (Goyal et al.), not 0
     assert s.lr_at(5) == pytest.approx((0.1 + 0.8) / 2)
     assert s.lr_at(10) == pytest.approx(0.8)
@@ -64,8 +63,9 @@ def test_poly_at_zero_half_and_end():
 
 
 def test_poly_after_warmup_runs_over_the_remaining_iterations():
-    s = LRPlan(base_lr=0.1, global_batch=512, reference_batch=256, max_iter=110, warmup_iters=10,
-                   decay="poly", power=2.0)
+    s = LRPlan(
+        base_lr=0.1, global_batch=512, reference_batch=256, max_iter=110, warmup_iters=10, decay="poly", power=2.0
+    )
     assert s.lr_at(10) == pytest.approx(0.2)
     assert s.lr_at(60) == pytest.approx(0.2 * 0.25)
     assert s.lr_at(110) == pytest.approx(0.0)
@@ -85,10 +85,24 @@ def test_step_cosine_constant():
 def test_firecaffe_preset_is_the_paper_recipe():
     p = PRESETS["firecaffe"]
     assert (p.batch_size, p.base_lr, p.decay, p.power, p.momentum, p.weight_decay, p.max_epochs) == (
-        1024, 0.08, "poly", 0.5, 0.9, 2e-4, 72)
+        1024,
+        0.08,
+        "poly",
+        0.5,
+        0.9,
+        2e-4,
+        72,
+    )
     cb = LargeBatchScaling(preset="firecaffe")
-    s = LRPlan(base_lr=cb.base_lr, global_batch=1024, reference_batch=cb.reference_batch, max_iter=91000,
-                   rule=cb.rule, decay=cb.decay, power=cb.power)
+    s = LRPlan(
+        base_lr=cb.base_lr,
+        global_batch=1024,
+        reference_batch=cb.reference_batch,
+        max_iter=91000,
+        rule=cb.rule,
+        decay=cb.decay,
+        power=cb.power,
+    )
     assert s.lr_at(0) == pytest.approx(0.08) and s.lr_at(45500) == pytest.approx(0.08 * math.sqrt(0.5))
     # explicit arguments override the preset
     assert LargeBatchScaling(preset="firecaffe", rule="sqrt", warmup=2).rule == "sqrt"
@@ -102,7 +116,12 @@ def test_unset_arguments_take_the_preset_then_the_defaults():
     assert {k: getattr(plain, k) for k in DEFAULTS} == DEFAULTS
     recipe = LargeBatchScaling(preset="firecaffe", **unset)
     assert (recipe.base_lr, recipe.reference_batch, recipe.decay, recipe.power, recipe.momentum) == (
-        0.08, 1024, "poly", 0.5, 0.9)
+        0.08,
+        1024,
+        "poly",
+        0.5,
+        0.9,
+    )
     assert LargeBatchScaling(preset="firecaffe", **{**unset, "reference_batch": 512}).reference_batch == 512
 
 

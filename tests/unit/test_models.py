@@ -14,7 +14,6 @@ from lightning_firecaffe.data import normalize
 from lightning_firecaffe.models import GoogLeNet, ImageClassifier, NiN
 from lightning_firecaffe.options import InvalidOption
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -121,8 +120,14 @@ def test_trainer_logs_metrics_and_poly_learning_rate(tmp_path):
 
     model = ImageClassifier(NiN(4), lr=0.1, lr_policy="poly", poly_power=0.5)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[LrProbe()], default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LrProbe()],
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
     # Caffe poly: lr * (1 - step / max_steps) ** power, logged before each step's update
@@ -141,8 +146,11 @@ class TinyBackbone(torch.nn.Sequential):
 
 @pytest.mark.parametrize(
     "kwargs, option",
-    [(dict(lr_policy="poly"), "lr_policy"), (dict(lr_policy="step"), "lr_policy"),
-     (dict(lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)), "lr_scheduler")],
+    [
+        (dict(lr_policy="poly"), "lr_policy"),
+        (dict(lr_policy="step"), "lr_policy"),
+        (dict(lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)), "lr_scheduler"),
+    ],
 )
 def test_a_model_schedule_beside_the_callback_is_refused(kwargs, option):
     model = ImageClassifier(NiN(3), **kwargs)
@@ -155,9 +163,16 @@ def test_a_model_schedule_beside_the_callback_is_refused(kwargs, option):
 def test_the_refusal_happens_at_setup_before_any_step(tmp_path):
     data = TensorDataset(torch.zeros(4, 3, 8, 8), torch.arange(4) % 2)
     model = ImageClassifier(TinyBackbone(), lr_policy="poly")
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[LargeBatchScaling()],
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LargeBatchScaling()],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(InvalidOption, match="lr_policy='poly' must be 'fixed'"):
         trainer.fit(model, DataLoader(data, batch_size=2))
     assert trainer.global_step == 0
@@ -180,8 +195,14 @@ def _fit_tiny(tmp_path, callbacks, **model_kwargs) -> tuple[LogSpy, pl.Trainer]:
     torch.manual_seed(0)
     data = TensorDataset(torch.rand(16, 3, 8, 8), torch.arange(16) % 2)
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=CSVLogger(tmp_path, name="csv"),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=callbacks,
     )
     model = LogSpy(TinyBackbone(), lr=0.1, **model_kwargs)

@@ -45,9 +45,10 @@ def test_plan_speedup_rises_with_batch_and_falls_with_bandwidth(algorithm):
     by_batch = [plan_point(GOOGLENET, algorithm, 128, b, fast).speedup_no_overlap for b in (8, 16, 32, 64)]
     assert by_batch == sorted(by_batch) and by_batch[-1] > by_batch[0]
     for b in (8, 32):
-        assert plan_point(GOOGLENET, algorithm, 128, b, slow).speedup_no_overlap < plan_point(
-            GOOGLENET, algorithm, 128, b, fast
-        ).speedup_no_overlap
+        assert (
+            plan_point(GOOGLENET, algorithm, 128, b, slow).speedup_no_overlap
+            < plan_point(GOOGLENET, algorithm, 128, b, fast).speedup_no_overlap
+        )
 
 
 def test_plan_reproduces_the_papers_ordering():
@@ -69,8 +70,22 @@ def test_plan_cli_for_googlenet_on_128_gpus(tmp_path, capsys):
 
 
 def test_plan_can_measure_compute_here(capsys, tmp_path):
-    argv = ["plan", "--model", "nin", "--measure-compute", "--image-size", "32", "--gpus", "4", "--max-gpus", "4",
-            "--batches", "8", "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "plan",
+        "--model",
+        "nin",
+        "--measure-compute",
+        "--image-size",
+        "32",
+        "--gpus",
+        "4",
+        "--max-gpus",
+        "4",
+        "--batches",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "measured forward+backward on this machine" in out and "nin: 30.4 MB of gradients" in out

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from lightning_firecaffe.comm.cost_model import LinkModel, parameter_server_time, ring_time, schedule_time, tree_time
-from lightning_firecaffe.comm.schedules import Op, ScheduleError, algorithms, get_algorithm, schedule_for_bytes, validate
+from lightning_firecaffe.comm.schedules import (
+    Op,
+    ScheduleError,
+    algorithms,
+    get_algorithm,
+    schedule_for_bytes,
+    validate,
+)
 from lightning_firecaffe.comm.schedules.core import Transfer, build
 from lightning_firecaffe.comm.schedules.trees import double_tree
 from lightning_firecaffe.comm.simulator import simulate
@@ -125,7 +132,9 @@ def test_each_rank_sees_matching_messages():
     schedule = build_schedule("ring", 3, 3)
     per_rank = {r: list(enumerate(schedule.messages_of(r))) for r in range(3)}
     sends = sorted((r, m.peer, m.lo, rnd) for r in range(3) for rnd, ms in per_rank[r] for m in ms if m.op is Op.SEND)
-    recvs = sorted((m.peer, r, m.lo, rnd) for r in range(3) for rnd, ms in per_rank[r] for m in ms if m.op is not Op.SEND)
+    recvs = sorted(
+        (m.peer, r, m.lo, rnd) for r in range(3) for rnd, ms in per_rank[r] for m in ms if m.op is not Op.SEND
+    )
     assert sends == recvs and len(sends) == 2 * 2 * 3
 
 

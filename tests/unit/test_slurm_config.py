@@ -23,7 +23,8 @@ def test_one_node_conf_is_localhost():
     lines = conf_lines(text)
     assert "SlurmctldHost=localhost" in lines and not any(line.startswith("SlurmctldAddr") for line in lines)
     assert [line for line in lines if line.startswith("NodeName")] == [
-        "NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN"]
+        "NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN"
+    ]
     assert "SlurmctldPort=7001" in lines and "SlurmdPort=7002" in lines and "AccountingStoragePort=7003" in lines
     assert "JobRequeue=0" in lines  # only jobs submitted with --requeue come back (a node failure fails the rest)
 
@@ -33,8 +34,10 @@ def test_several_nodes_keep_their_slurmd_files_apart():
     lines = conf_lines(compose_slurm_conf(Path("/s"), PORTS, Path("/s/m"), nodes, controller_addr="10.78.5.254"))
     assert "SlurmctldAddr=10.78.5.254" in lines
     assert [line.split()[:2] for line in lines if line.startswith("NodeName")] == [
-        ["NodeName=node0", "NodeAddr=10.78.5.1"], ["NodeName=node1", "NodeAddr=10.78.5.2"],
-        ["NodeName=node2", "NodeAddr=10.78.5.3"]]
+        ["NodeName=node0", "NodeAddr=10.78.5.1"],
+        ["NodeName=node1", "NodeAddr=10.78.5.2"],
+        ["NodeName=node2", "NodeAddr=10.78.5.3"],
+    ]
     for key in ("SlurmdSpoolDir", "SlurmdPidFile", "SlurmdLogFile"):  # %n: one per node on one machine
         assert any(line.startswith(key + "=") and "%n" in line for line in lines), key
     assert "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" in lines

@@ -35,8 +35,11 @@ from lightning_firecaffe import FireCaffeStrategy, InvalidOption, algorithm_name
         ({"compression": 16}, "compression", "None, 'bf16', 'fp16'"),
         ({"compression_error_feedback": True}, "compression_error_feedback", "'bf16', 'fp16'"),
         ({"compression": "bf16", "compression_error_feedback": "yes"}, "compression_error_feedback", "True or False"),
-        ({"compression": "bf16", "compression_error_feedback": True, "algorithm": "native"},
-         "compression_error_feedback", "adds in 16 bits"),
+        (
+            {"compression": "bf16", "compression_error_feedback": True, "algorithm": "native"},
+            "compression_error_feedback",
+            "adds in 16 bits",
+        ),
     ],
 )
 def test_bad_options_raise_naming_option_and_allowed_values(kwargs, option, allowed):
@@ -65,10 +68,19 @@ def _positional_arguments():
 
 
 ATTRIBUTES = (
-    "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin",
-    "_ddp_comm_state", "_ddp_comm_hook", "_ddp_comm_wrapper", "_model_averaging_period",
-    "_process_group_backend", "_timeout", "_start_method",
-)  # fmt: skip
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+    "_ddp_comm_state",
+    "_ddp_comm_hook",
+    "_ddp_comm_wrapper",
+    "_model_averaging_period",
+    "_process_group_backend",
+    "_timeout",
+    "_start_method",
+)
 
 
 @pytest.mark.parametrize("count", range(1, 13))

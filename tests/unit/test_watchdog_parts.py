@@ -18,24 +18,36 @@ SITE = "/venv/lib/python3.11/site-packages"
 
 # -- stacks --------------------------------------------------------------------------------------------------
 def test_collective_is_recognised_and_its_caller_named():
-    frames = [Frame(f"{SITE}/torch/distributed/distributed_c10d.py", 2800, "all_reduce"),
-              Frame(f"{SITE}/torch/distributed/c10d_logger.py", 81, "wrapper"),
-              Frame(f"{SITE}/lightning/fabric/utilities/distributed.py", 230, "_sync_ddp"),
-              Frame("/home/me/job.py", 40, "validation_step")]  # fmt: skip
+    frames = [
+        Frame(f"{SITE}/torch/distributed/distributed_c10d.py", 2800, "all_reduce"),
+        Frame(f"{SITE}/torch/distributed/c10d_logger.py", 81, "wrapper"),
+        Frame(f"{SITE}/lightning/fabric/utilities/distributed.py", 230, "_sync_ddp"),
+        Frame("/home/me/job.py", 40, "validation_step"),
+    ]
     where = classify(frames)
-    assert where.blocked_in.startswith("torch.distributed.all_reduce (called from lightning/fabric/utilities/distributed.py:230 in _sync_ddp)")
+    assert where.blocked_in.startswith(
+        "torch.distributed.all_reduce (called from lightning/fabric/utilities/distributed.py:230 in _sync_ddp)"
+    )
     assert where.at.startswith("lightning/fabric/utilities/distributed.py:230")
 
 
 def test_user_code_called_from_inside_ddp_forward_is_not_a_collective():
-    frames = [Frame("/usr/lib/python3.11/threading.py", 600, "wait"), Frame("/home/me/job.py", 40, "training_step"),
-              Frame(f"{SITE}/torch/nn/parallel/distributed.py", 1600, "forward")]  # fmt: skip
+    frames = [
+        Frame("/usr/lib/python3.11/threading.py", 600, "wait"),
+        Frame("/home/me/job.py", 40, "training_step"),
+        Frame(f"{SITE}/torch/nn/parallel/distributed.py", 1600, "forward"),
+    ]
     assert classify(frames) == Whereabouts(None, "home/me/job.py:40 in training_step")
 
 
 def test_backward_and_ddp_internals_count_as_waiting():
-    assert classify([Frame(f"{SITE}/torch/autograd/graph.py", 825, "_engine_run_backward")]).blocked_in.startswith("backward")
-    assert "DistributedDataParallel" in classify([Frame(f"{SITE}/torch/nn/parallel/distributed.py", 1500, "_sync_buffers")]).blocked_in
+    assert classify([Frame(f"{SITE}/torch/autograd/graph.py", 825, "_engine_run_backward")]).blocked_in.startswith(
+        "backward"
+    )
+    assert (
+        "DistributedDataParallel"
+        in classify([Frame(f"{SITE}/torch/nn/parallel/distributed.py", 1500, "_sync_buffers")]).blocked_in
+    )
 
 
 def test_stack_of_a_real_blocked_thread():
@@ -70,7 +82,9 @@ def test_unrelated_runtime_errors_are_left_alone():
 
 def test_watchdog_view_is_appended_and_type_kept():
     error = with_watchdog_view(PeerStallError(MESSAGE, [1]), ["rank 1 is not responding: no heartbeat for 12 s"])
-    assert isinstance(error, PeerStallError) and error.peers == [1] and "Watchdog: rank 1 is not responding" in str(error)
+    assert (
+        isinstance(error, PeerStallError) and error.peers == [1] and "Watchdog: rank 1 is not responding" in str(error)
+    )
 
 
 # -- stragglers ----------------------------------------------------------------------------------------------
@@ -101,10 +115,20 @@ class MemoryStore:
 def make(rank, store, clock, phase, blocked=None, action="fail", exits=None):
     progress = Progress()
     progress.current = Phase(1, phase, "normal", 7, 0.0)
-    return Watchdog(rank, 2, store, Policy(10.0), action=action, grace_s=5.0, interval_s=1.0, progress=progress,
-                    exit=(exits if exits is not None else []).append, clock=lambda: clock[0],
-                    whereabouts=lambda: Whereabouts(blocked, "job.py:40 in validation_step"),
-                    kill=lambda spare, wait_s: None)  # fmt: skip
+    return Watchdog(
+        rank,
+        2,
+        store,
+        Policy(10.0),
+        action=action,
+        grace_s=5.0,
+        interval_s=1.0,
+        progress=progress,
+        exit=(exits if exits is not None else []).append,
+        clock=lambda: clock[0],
+        whereabouts=lambda: Whereabouts(blocked, "job.py:40 in validation_step"),
+        kill=lambda spare, wait_s: None,
+    )
 
 
 def run(watchdogs, clock, seconds):
@@ -129,15 +153,19 @@ def test_both_ranks_warn_then_exit_with_the_stall_code(caplog):
 
 def test_warn_only_never_exits():
     store, clock, exits = MemoryStore(), [0.0], []
-    ws = [make(0, store, clock, "x", blocked="torch.distributed.barrier", action="warn", exits=exits),
-          make(1, store, clock, "y", action="warn", exits=exits)]  # fmt: skip
+    ws = [
+        make(0, store, clock, "x", blocked="torch.distributed.barrier", action="warn", exits=exits),
+        make(1, store, clock, "y", action="warn", exits=exits),
+    ]
     run(ws, clock, 60)
     assert ws[0].stall is not None and exits == []
 
 
 def test_dead_store_host_makes_the_others_exit_naming_it():
     store, clock, exits = MemoryStore(), [0.0], []
-    survivor = make(1, store, clock, "train batch 3 (backward)", blocked="backward (the gradient all-reduce)", exits=exits)
+    survivor = make(
+        1, store, clock, "train batch 3 (backward)", blocked="backward (the gradient all-reduce)", exits=exits
+    )
     run([survivor], clock, 2)
     store.up = False  # rank 0, the store's host, is gone
     run([survivor], clock, 16)
@@ -148,8 +176,12 @@ def test_describe_calls_a_silent_peer_not_responding():
     store, clock = MemoryStore(), [0.0]
     a, b = make(0, store, clock, "x"), make(1, store, clock, "train batch 3 (training_step)")
     run([a, b], clock, 2)
-    run([a], clock, 4)  # rank 1 frozen: no more heartbeats (rank 0 heard the last one at t=3), not yet for stall_timeout
-    assert a.describe([1]) == ["rank 1 is not responding: no heartbeat for 3 s; last in 'train batch 3 (training_step)' at global step 7"]
+    run(
+        [a], clock, 4
+    )  # rank 1 frozen: no more heartbeats (rank 0 heard the last one at t=3), not yet for stall_timeout
+    assert a.describe([1]) == [
+        "rank 1 is not responding: no heartbeat for 3 s; last in 'train batch 3 (training_step)' at global step 7"
+    ]
 
 
 def test_every_ranks_step_seconds_travel_in_the_beats():
@@ -159,19 +191,35 @@ def test_every_ranks_step_seconds_travel_in_the_beats():
     run([a, b], clock, 1)
     assert a.step_seconds() == {0: 0.1, 1: 0.3}
     b.stop(error=PeerStallError("FireCaffe all-reduce on rank 1: rank 0 did not answer\ndetails", [0]))
-    assert store.beats[1].finished and store.beats[1].error == "PeerStallError: FireCaffe all-reduce on rank 1: rank 0 did not answer"
+    assert (
+        store.beats[1].finished
+        and store.beats[1].error == "PeerStallError: FireCaffe all-reduce on rank 1: rank 0 did not answer"
+    )
 
 
 def test_describe_also_names_a_silent_rank_behind_the_awaited_one():
     store, clock = MemoryStore(), [0.0]
+
     def still():
         progress = Progress()
         progress.current = Phase(1, "train batch 4 (backward)", "normal", 4, 0.0)
         return progress
 
-    dogs = [Watchdog(r, 3, store, Policy(10.0), interval_s=1.0, progress=still(), clock=lambda: clock[0],
-                     whereabouts=lambda: Whereabouts("backward (the gradient all-reduce)", None), exit=print,
-                     kill=lambda *a: None) for r in range(3)]  # fmt: skip
+    dogs = [
+        Watchdog(
+            r,
+            3,
+            store,
+            Policy(10.0),
+            interval_s=1.0,
+            progress=still(),
+            clock=lambda: clock[0],
+            whereabouts=lambda: Whereabouts("backward (the gradient all-reduce)", None),
+            exit=print,
+            kill=lambda *a: None,
+        )
+        for r in range(3)
+    ]
     run(dogs, clock, 2)
     run(dogs[:2], clock, 5)  # rank 2's link is down: rank 1 waits for rank 0, which waits for rank 2
     lines = dogs[1].describe([0])

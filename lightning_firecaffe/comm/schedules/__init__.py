@@ -6,7 +6,7 @@ Importing this package registers the built-in algorithms (``trees``, ``baselines
 
 from __future__ import annotations
 
-from . import trees, baselines  # noqa: F401, I001  (registers them; this order is auto's tie-break order)
+from . import baselines, trees  # noqa: F401  (registers them; each declares its ``order``)
 from .core import Message, Op, Schedule, ScheduleError, Transfer, build, chunk_offsets, describe, validate
 from .registry import (
     Algorithm,

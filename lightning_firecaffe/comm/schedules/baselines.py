@@ -18,6 +18,7 @@ def ring_pieces(nbytes: int, world_size: int, chunk_bytes: int) -> int:
 
 @register_algorithm(
     "ring",
+    order=50,
     chunking=ring_pieces,
     summary="reduce-scatter + all-gather, both directions at once (bandwidth-optimal baseline)",
     cost="2 (p-1)/p N/B",
@@ -52,6 +53,7 @@ def ring(world_size: int, num_chunks: int | None = None, **_: object) -> Schedul
 
 @register_algorithm(
     "parameter_server",
+    order=60,
     chunking=whole_buffer,
     auto=False,
     summary="everyone to rank 0 and back (the baseline FireCaffe beats)",
@@ -69,6 +71,7 @@ def parameter_server(world_size: int, num_chunks: int = 1, **_: object) -> Sched
 
 @register_algorithm(
     "native",
+    order=70,
     chunking=ring_pieces,
     collective=True,
     summary="the backend's own `all_reduce` on the strategy's group (gloo: its C++ ring; NCCL: its kernels)",

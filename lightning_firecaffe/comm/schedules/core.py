@@ -12,9 +12,10 @@ are derived from it on demand.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -136,8 +137,7 @@ def validate(schedule: Schedule) -> None:
 def describe(schedule: Schedule, max_rounds: int = 12) -> str:
     """Human-readable rounds, e.g. ``round 0: 1->0 add [0,1)``; long schedules are elided."""
     lines = [
-        f"{schedule.algorithm}: {schedule.world_size} ranks, {schedule.num_chunks} chunks, "
-        f"{schedule.num_rounds} rounds"
+        f"{schedule.algorithm}: {schedule.world_size} ranks, {schedule.num_chunks} chunks, {schedule.num_rounds} rounds"
     ]
     by_round: dict[int, list[str]] = {}
     for t in schedule.transfers:

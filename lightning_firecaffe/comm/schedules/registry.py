@@ -17,9 +17,9 @@ algorithm names.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 from .core import Schedule
 
@@ -63,6 +63,7 @@ class Algorithm:
     auto: bool = True
     eligible: Eligibility = always
     collective: bool = False  # run as the backend's own all_reduce; the schedule only models it
+    order: int = 100  # position in every listing, and ``auto``'s tie-break (lower first); then the name
 
     def num_chunks(self, nbytes: int, world_size: int, chunk_bytes: int) -> int:
         return int(self.chunking(nbytes, world_size, chunk_bytes))
@@ -106,13 +107,16 @@ def register_algorithm(
     auto: bool = True,
     eligible: Eligibility = always,
     collective: bool = False,
+    order: int = 100,
     override: bool = False,
 ) -> Callable[[Callable[..., Schedule]], Callable[..., Schedule]]:
     """Decorator: register a schedule builder ``f(world_size, num_chunks, arity, ranks_per_node)``.
 
     Names are lower-case identifiers (they become strategy names ``firecaffe_<name>``). Registering a
     taken name raises unless ``override=True``. ``collective=True``: the executor calls the backend's own
-    ``all_reduce`` and the schedule only models it (for the cost model and the simulator). Listeners (e.g. the strategy-name registration) hear of
+    ``all_reduce`` and the schedule only models it (for the cost model and the simulator). ``order``
+    places it in every listing and breaks ``auto``'s ties (lower first, then the name): the built-ins use
+    10-70, so a plugin's default 100 comes after them whatever the import order. Listeners (e.g. the strategy-name registration) hear of
     every algorithm, also of those registered after they subscribed.
     """
     if not (name.isidentifier() and name == name.lower()) or name == "auto":
@@ -122,14 +126,21 @@ def register_algorithm(
         if name in _REGISTRY and not override:
             raise ValueError(f"algorithm {name!r} is already registered (pass override=True to replace it)")
         algorithm = Algorithm(
-            name, build, chunking, summary, cost, uses_arity, uses_ranks_per_node, auto, eligible, collective
+            name, build, chunking, summary, cost, uses_arity, uses_ranks_per_node, auto, eligible, collective, order
         )
         _REGISTRY[name] = algorithm
+        _sort_registry()
         for listener in list(_LISTENERS):
             listener(algorithm)
         return build
 
     return decorator
+
+
+def _sort_registry() -> None:
+    ordered = sorted(_REGISTRY.values(), key=lambda a: (a.order, a.name))
+    _REGISTRY.clear()
+    _REGISTRY.update((a.name, a) for a in ordered)
 
 
 def unregister_algorithm(name: str) -> None:
@@ -153,7 +164,7 @@ def get_algorithm(name: str) -> Algorithm:
 
 
 def algorithm_names() -> tuple[str, ...]:
-    """Every registered algorithm name, in registration order."""
+    """Every registered algorithm name, in ``order`` (then name) order."""
     return tuple(_REGISTRY)
 
 

@@ -6,8 +6,8 @@ node leaders). All functions are pure: they return ``Transfer`` lists or ``Sched
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .core import Schedule, Transfer, build, reversed_as_broadcast
 from .registry import paired_pieces, pieces, register_algorithm, whole_buffer
@@ -62,7 +62,7 @@ def inorder_tree(members: Sequence[int]) -> Tree:
     def place(lo: int, hi: int, up: int | None) -> None:
         if lo > hi:
             return
-        root = max(range(lo, hi + 1), key=lambda x: (x & -x))
+        root = max(range(lo, hi + 1), key=lambda x: x & -x)
         parent[members[root - 1]] = None if up is None else members[up - 1]
         place(lo, root - 1, root)
         place(root + 1, hi, root)
@@ -114,6 +114,7 @@ def pipelined_allreduce(trees: Sequence[tuple[Tree, Sequence[int]]], first_round
 
 @register_algorithm(
     "tree",
+    order=10,
     chunking=whole_buffer,
     uses_arity=True,
     summary="FireCaffe's reduction tree: reduce to rank 0, broadcast back (k-nomial, `arity`)",
@@ -129,6 +130,7 @@ def tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: object) -> S
 
 @register_algorithm(
     "pipelined_tree",
+    order=20,
     chunking=pieces,
     uses_arity=True,
     summary="the buffer streams in `chunk_bytes` pieces up and down a k-ary tree, all levels busy",
@@ -146,6 +148,7 @@ def pipelined_tree(world_size: int, num_chunks: int = 1, arity: int = 2, **_: ob
 
 @register_algorithm(
     "double_tree",
+    order=30,
     chunking=paired_pieces,
     summary="two complementary pipelined trees, each carrying half (NCCL's design)",
     cost="~2 N/B, log p depth",
@@ -173,6 +176,7 @@ def nodes_of(world_size: int, ranks_per_node: int) -> list[list[int]]:
 
 @register_algorithm(
     "two_level",
+    order=40,
     chunking=pieces,
     uses_arity=True,
     uses_ranks_per_node=True,

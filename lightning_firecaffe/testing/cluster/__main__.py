@@ -1,13 +1,13 @@
 """CLI: ``python -m lightning_firecaffe.testing.cluster up|down|run|list|check``.
 
-    up    --hosts 4 --rate 1gbit          build a cluster and leave it up; prints its description (JSON)
-    down  RUN_ID | --all                  remove one cluster, or every one left behind (prefix fcn-)
-    run   --hosts 4 --rate 1gbit -- CMD   build a cluster, run CMD once per rank inside its host's namespace
-                                          (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, GLOO_SOCKET_IFNAME
-                                          set), print each rank's output, tear down; exit code = worst rank's
-    run   --attach RUN_ID -- CMD          the same on a cluster made by `up` (left up)
-    list                                  clusters present
-    check                                 can a cluster be built here? (exit 0 or 1 with the reason)
+up    --hosts 4 --rate 1gbit          build a cluster and leave it up; prints its description (JSON)
+down  RUN_ID | --all                  remove one cluster, or every one left behind (prefix fcn-)
+run   --hosts 4 --rate 1gbit -- CMD   build a cluster, run CMD once per rank inside its host's namespace
+                                      (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, GLOO_SOCKET_IFNAME
+                                      set), print each rank's output, tear down; exit code = worst rank's
+run   --attach RUN_ID -- CMD          the same on a cluster made by `up` (left up)
+list                                  clusters present
+check                                 can a cluster be built here? (exit 0 or 1 with the reason)
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ LATENCY_NOTE = (
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hosts", type=int, default=4, help="number of hosts (network namespaces), default 4")
-    p.add_argument("--rate", default="1gbit",
-                   help="per-link rate, each direction, in bits/s as tc writes it: 100mbit, 1gbit, 10gbit; "
-                        "'none' = unshaped (default 1gbit)")
+    p.add_argument(
+        "--rate",
+        default="1gbit",
+        help="per-link rate, each direction, in bits/s as tc writes it: 100mbit, 1gbit, 10gbit; "
+        "'none' = unshaped (default 1gbit)",
+    )
     p.add_argument("--ranks-per-host", type=int, default=1, help="ranks per host (multi-GPU node), default 1")
     p.add_argument("--subnet", default="10.77.0", help="first three octets of the hosts' /24 (default 10.77.0)")
     p.add_argument("--burst", type=int, default=None, help="tbf burst in bytes (default 2 ms at rate, >= 64 KiB)")
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_firecaffe.testing.cluster",
         description="Emulated cluster: N hosts as network namespaces joined by a Linux bridge, every link "
-                    "shaped with tc tbf in both directions. " + LATENCY_NOTE,
+        "shaped with tc tbf in both directions. " + LATENCY_NOTE,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -48,11 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="remove a cluster, or --all leftovers")
     down.add_argument("run_id", nargs="?", help="run id printed by `up`")
-    down.add_argument("--all", action="store_true",
-                      help=f"remove every cluster named {PREFIX}* (its processes too), even ones still in use")
+    down.add_argument(
+        "--all",
+        action="store_true",
+        help=f"remove every cluster named {PREFIX}* (its processes too), even ones still in use",
+    )
 
-    run = sub.add_parser("run", help="run a command once per rank on a (new or attached) cluster",
-                         description=LATENCY_NOTE)
+    run = sub.add_parser(
+        "run", help="run a command once per rank on a (new or attached) cluster", description=LATENCY_NOTE
+    )
     _cluster_args(run)
     run.add_argument("--attach", metavar="RUN_ID", default=None, help="use a cluster made by `up` (left up)")
     run.add_argument("--world-size", type=int, default=None, help="ranks to start (default hosts x ranks-per-host)")
@@ -83,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"removed": removed}))
         return 0
     if args.command == "up":
-        cluster = EmulatedCluster(args.hosts, args.rate, args.ranks_per_host, subnet=args.subnet,
-                                  run_id=args.run_id, burst=args.burst, keep=True)
+        cluster = EmulatedCluster(
+            args.hosts,
+            args.rate,
+            args.ranks_per_host,
+            subnet=args.subnet,
+            run_id=args.run_id,
+            burst=args.burst,
+            keep=True,
+        )
         cluster.up()
         print(json.dumps(cluster.describe(), indent=2))
         return 0
@@ -99,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         cluster = EmulatedCluster(args.hosts, args.rate, args.ranks_per_host, subnet=args.subnet, burst=args.burst)
     try:
         cluster.up()
-        print(f"# cluster {cluster.run_id}: {cluster.hosts} hosts x {cluster.ranks_per_host} ranks, links "
-              f"{cluster.rate}, master {cluster.master_addr}", file=sys.stderr, flush=True)
+        print(
+            f"# cluster {cluster.run_id}: {cluster.hosts} hosts x {cluster.ranks_per_host} ranks, links "
+            f"{cluster.rate}, master {cluster.master_addr}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
-            results = cluster.run(command, world_size=args.world_size, timeout=args.timeout, check=False,
-                                  capture=not args.stream)
+            results = cluster.run(
+                command, world_size=args.world_size, timeout=args.timeout, check=False, capture=not args.stream
+            )
         except ClusterRunError as exc:  # pragma: no cover - check=False
             results = exc.results
         for r in results:

@@ -37,9 +37,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ...units import format_rate, parse_rate
 
@@ -63,7 +64,7 @@ class ClusterRunError(RuntimeError):
     pickled back) is chained as ``__cause__``.
     """
 
-    def __init__(self, message: str, results: list["RankResult"]):
+    def __init__(self, message: str, results: list[RankResult]):
         super().__init__(message)
         self.results = results
 
@@ -96,7 +97,7 @@ def list_runs(prefix: str = PREFIX) -> dict[str, list[str]]:
     """{run id: [namespace, ...]} of every cluster whose namespaces are still present."""
     runs: dict[str, list[str]] = {}
     for name in list_namespaces(prefix):
-        run_id = name[len(prefix):].split("-", 1)[0]
+        run_id = name[len(prefix) :].split("-", 1)[0]
         runs.setdefault(run_id, []).append(name)
     return runs
 
@@ -193,8 +194,22 @@ def can_emulate() -> tuple[bool, str]:
         try:
             _ip("netns", "add", probe)
             _ip("-n", probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
-            _tc("-n", probe, "qdisc", "add", "dev", "p0", "root", "tbf", "rate", "1gbit", "burst", "256kb",
-                "latency", "100ms")
+            _tc(
+                "-n",
+                probe,
+                "qdisc",
+                "add",
+                "dev",
+                "p0",
+                "root",
+                "tbf",
+                "rate",
+                "1gbit",
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            )
         except (RuntimeError, OSError) as exc:
             reason = f"cannot build network namespaces/veth/tbf here: {exc}"
         finally:
@@ -235,7 +250,7 @@ class RankResult:
 
 # --- signal and exit handling shared by every cluster of this process --------------------------------------
 
-_active: list["EmulatedCluster"] = []
+_active: list[EmulatedCluster] = []
 _lock = threading.RLock()
 _saved_handlers: dict[int, Any] = {}
 _CATCH = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None)
@@ -307,7 +322,9 @@ def _down_at_exit() -> None:
             try:
                 cluster.down()
             except Exception as exc:  # pragma: no cover - best effort at exit
-                print(f"lightning_firecaffe.testing.cluster: teardown of {cluster.run_id} failed: {exc}", file=sys.stderr)
+                print(
+                    f"lightning_firecaffe.testing.cluster: teardown of {cluster.run_id} failed: {exc}", file=sys.stderr
+                )
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -382,9 +399,7 @@ class EmulatedCluster:
             raise ValueError(f"hosts must be in 1..254, got {hosts}")
         if int(ranks_per_host) < 1:
             raise ValueError(f"ranks_per_host must be >= 1, got {ranks_per_host}")
-        if not re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})", subnet) or any(
-            int(o) > 255 for o in subnet.split(".")
-        ):
+        if not re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})", subnet) or any(int(o) > 255 for o in subnet.split(".")):
             raise ValueError(f"subnet {subnet!r}: expected the first three octets, e.g. '10.77.0'")
         if not re.fullmatch(r"[A-Za-z0-9_.]{1,16}-?", prefix):
             raise ValueError(f"prefix {prefix!r}: letters, digits, '_' and '.' only")
@@ -450,11 +465,13 @@ class EmulatedCluster:
 
     def __repr__(self) -> str:
         state = "up" if self._is_up else "down"
-        return f"EmulatedCluster(run_id={self.run_id!r}, hosts={self.hosts}, rate={self.rate!r}, " \
-               f"ranks_per_host={self.ranks_per_host}, {state})"
+        return (
+            f"EmulatedCluster(run_id={self.run_id!r}, hosts={self.hosts}, rate={self.rate!r}, "
+            f"ranks_per_host={self.ranks_per_host}, {state})"
+        )
 
     @classmethod
-    def attach(cls, run_id: str, ranks_per_host: int = 1, prefix: str = PREFIX) -> "EmulatedCluster":
+    def attach(cls, run_id: str, ranks_per_host: int = 1, prefix: str = PREFIX) -> EmulatedCluster:
         """Use a cluster that is already up (e.g. from ``python -m lightning_firecaffe.testing.cluster up``).
 
         The attached object does not tear the cluster down at exit (``keep=True``) unless ``down()`` is called.
@@ -466,8 +483,9 @@ class EmulatedCluster:
         addr = _ip("-n", f"{prefix}{run_id}-h0", "-4", "-o", "addr", "show", "dev", INTERFACE).stdout.split()
         subnet = addr[addr.index("inet") + 1].split("/")[0].rsplit(".", 1)[0]
         rate = None
-        qdisc = subprocess.run(["tc", "-n", f"{prefix}{run_id}-h0", "qdisc", "show", "dev", INTERFACE],
-                               capture_output=True, text=True).stdout
+        qdisc = subprocess.run(
+            ["tc", "-n", f"{prefix}{run_id}-h0", "qdisc", "show", "dev", INTERFACE], capture_output=True, text=True
+        ).stdout
         match = re.search(r"rate (\S+)", qdisc)
         if match:
             rate = match.group(1).lower()  # tc prints e.g. "1Gbit", "200Mbit"
@@ -483,7 +501,7 @@ class EmulatedCluster:
         return cluster
 
     # --- lifecycle ---------------------------------------------------------------------------------------
-    def up(self) -> "EmulatedCluster":
+    def up(self) -> EmulatedCluster:
         """Create namespaces, bridge, veths, addresses and qdiscs.  On any failure, undoes what it made."""
         if self._is_up:
             return self
@@ -502,8 +520,22 @@ class EmulatedCluster:
     def _shape(self, ns: str, dev: str) -> None:
         if self.rate_bps is None:
             return
-        _tc("-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{self.rate_bps}bit",
-            "burst", str(self.burst), "latency", self.tbf_latency)
+        _tc(
+            "-n",
+            ns,
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            f"{self.rate_bps}bit",
+            "burst",
+            str(self.burst),
+            "latency",
+            self.tbf_latency,
+        )
 
     def _build(self) -> None:
         existing = set(list_namespaces(prefix=""))
@@ -520,8 +552,24 @@ class EmulatedCluster:
             _ip("netns", "add", ns)
             port = f"h{i}"
             # created directly inside the namespaces: nothing ever appears in the root namespace
-            _ip("-n", br, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
-                "peer", "name", INTERFACE, "netns", ns, "mtu", str(self.mtu))
+            _ip(
+                "-n",
+                br,
+                "link",
+                "add",
+                port,
+                "mtu",
+                str(self.mtu),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                INTERFACE,
+                "netns",
+                ns,
+                "mtu",
+                str(self.mtu),
+            )
             _ip("-n", br, "link", "set", port, "master", BRIDGE)
             _ip("-n", br, "link", "set", port, "up")
             _ip("-n", ns, "link", "set", INTERFACE, "addrgenmode", "none")  # no IPv6 link-local for gloo to pick
@@ -545,7 +593,7 @@ class EmulatedCluster:
         if failed:
             raise RuntimeError(f"could not delete namespaces {failed}")
 
-    def __enter__(self) -> "EmulatedCluster":
+    def __enter__(self) -> EmulatedCluster:
         return self.up()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -572,16 +620,24 @@ class EmulatedCluster:
         self._check_up()
         kwargs.setdefault("start_new_session", True)
         kwargs.setdefault("preexec_fn", _set_pdeathsig)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.host_namespaces[host], *argv],
-                                env=dict(env) if env is not None else None, **kwargs)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.host_namespaces[host], *argv],
+            env=dict(env) if env is not None else None,
+            **kwargs,
+        )
         self._procs[proc.pid] = proc
         return proc
 
     def exec(self, host: int, argv: Sequence[str], timeout: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
         """Run ``argv`` in host ``host``'s namespace to completion (e.g. ``["ip", "addr"]``); captures text."""
         self._check_up()
-        return subprocess.run(["ip", "netns", "exec", self.host_namespaces[host], *argv],
-                              capture_output=True, text=True, timeout=timeout, **kwargs)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.host_namespaces[host], *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,
+        )
 
     def rank_env(self, rank: int, world_size: int, master_port: int) -> dict[str, str]:
         """The variables every rank gets (torch.distributed env:// rendezvous over the emulated links)."""
@@ -658,12 +714,16 @@ class EmulatedCluster:
                 paths = [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
                 base_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
                 spec_file = tmpdir / "spec.pkl"
-                spec_file.write_bytes(pickle.dumps({
-                    **spec,
-                    "args": pickle.dumps((tuple(args), dict(kwargs or {}))),
-                    "backend": backend,
-                    "timeout": float(timeout),
-                }))
+                spec_file.write_bytes(
+                    pickle.dumps(
+                        {
+                            **spec,
+                            "args": pickle.dumps((tuple(args), dict(kwargs or {}))),
+                            "backend": backend,
+                            "timeout": float(timeout),
+                        }
+                    )
+                )
             base_env.update(env or {})
             procs: dict[int, subprocess.Popen] = {}
             files: dict[int, tuple] = {}
@@ -685,8 +745,9 @@ class EmulatedCluster:
                     else:
                         out = err = None
                     starts[rank] = time.monotonic()
-                    procs[rank] = self.popen(self.host_of(rank), argv, env=rank_env, stdout=out, stderr=err,
-                                             stdin=subprocess.DEVNULL)
+                    procs[rank] = self.popen(
+                        self.host_of(rank), argv, env=rank_env, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+                    )
                 deadline = time.monotonic() + timeout
                 first_failure: float | None = None
                 while True:
@@ -803,7 +864,10 @@ class EmulatedCluster:
         stats = {}
         for i, ns in enumerate(self.host_namespaces):
             info = json.loads(_ip("-j", "-s", "-n", ns, "link", "show", "dev", INTERFACE).stdout)[0]["stats64"]
-            stats[i] = {"tx_bytes": info["tx"]["bytes"], "rx_bytes": info["rx"]["bytes"],
-                        "tx_packets": info["tx"]["packets"], "rx_packets": info["rx"]["packets"]}
+            stats[i] = {
+                "tx_bytes": info["tx"]["bytes"],
+                "rx_bytes": info["rx"]["bytes"],
+                "tx_packets": info["tx"]["packets"],
+                "rx_packets": info["rx"]["packets"],
+            }
         return stats
-

@@ -55,11 +55,15 @@ class Facts(Callback):
         strategy = trainer.strategy
         if hasattr(strategy, "auto_choices"):  # every rank: what auto chose, and whether it measured here
             tuner = strategy._hook_state.selector.tuner
-            (self.out / f"auto-rank{trainer.global_rank}.json").write_text(json.dumps({
-                "choices": {str(k): v for k, v in strategy.auto_choices().items()},
-                "trials_run": sum(t.next_trial for t in tuner.sizes.values()) if tuner else 0,
-                "summary": strategy.comm_stats.summary(strategy.algorithm),
-            }))  # fmt: skip
+            (self.out / f"auto-rank{trainer.global_rank}.json").write_text(
+                json.dumps(
+                    {
+                        "choices": {str(k): v for k, v in strategy.auto_choices().items()},
+                        "trials_run": sum(t.next_trial for t in tuner.sizes.values()) if tuner else 0,
+                        "summary": strategy.comm_stats.summary(strategy.algorithm),
+                    }
+                )
+            )
         if trainer.global_rank != 0:
             return
         ddp = trainer.strategy.model

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_firecaffe  # noqa: F401
@@ -95,8 +95,12 @@ class UserModel(LightningModule):
 
     def train_dataloader(self):
         block = 4 * 3 + 1 if args.fault == "dataloader" and self.faulty() else -1  # in the 4th batch
-        return DataLoader(Samples(256, self.global_rank, block), batch_size=4, num_workers=args.workers,
-                          persistent_workers=args.workers > 0)  # fmt: skip
+        return DataLoader(
+            Samples(256, self.global_rank, block),
+            batch_size=4,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+        )
 
     def val_dataloader(self):
         return DataLoader(Samples(32, self.global_rank), batch_size=4)
@@ -119,8 +123,11 @@ def inject_hook_fault() -> None:
     def all_reduce_(self, buffer, schedule, *, bucket=0, step=0, **options):
         if self.rank == args.fault_rank and step == args.at:
             mark("fault_at")
-            raise PeerStallError(f"FireCaffe all-reduce on rank {self.rank}: injected fault in gradient bucket "
-                                 f"{bucket} at training step {step}", [1 - self.rank])  # fmt: skip
+            raise PeerStallError(
+                f"FireCaffe all-reduce on rank {self.rank}: injected fault in gradient bucket "
+                f"{bucket} at training step {step}",
+                [1 - self.rank],
+            )
         return original(self, buffer, schedule, bucket=bucket, step=step, **options)
 
     ScheduleExecutor.all_reduce_ = all_reduce_
@@ -148,33 +155,55 @@ def main() -> int:
     seed_everything(0)
     if args.fault == "hook_raises":
         inject_hook_fault()
-    strategy = FireCaffeStrategy(algorithm=args.algorithm, stall_timeout=args.stall_timeout,
-                                 stall_grace=args.stall_grace,
-                                 checkpoint_io=SlowDisk() if args.fault == "slow" else None)  # fmt: skip
+    strategy = FireCaffeStrategy(
+        algorithm=args.algorithm,
+        stall_timeout=args.stall_timeout,
+        stall_grace=args.stall_grace,
+        checkpoint_io=SlowDisk() if args.fault == "slow" else None,
+    )
     callbacks = []
     if args.fault == "slow":
         callbacks.append(ModelCheckpoint(dirpath=Path(args.out) / "ckpt", every_n_train_steps=4, save_top_k=-1))
-    trainer = Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
-                      max_steps=args.max_steps,
-                      limit_train_batches=4 if args.fault == "validation" else None, num_sanity_val_steps=0,
-                      limit_val_batches=2, callbacks=callbacks, logger=False, enable_checkpointing=args.fault == "slow",
-                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        limit_train_batches=4 if args.fault == "validation" else None,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=args.fault == "slow",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     rank = trainer.global_rank
     record_pid(f"rank{rank}")
     try:
         trainer.fit(model := UserModel())
     except Exception as exc:  # what a user's script would catch
         print(f"rank {rank} caught {type(exc).__name__}: {exc}", flush=True)
-        mark(f"caught-rank{rank}.json", json.dumps({"type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__],
-                                                    "message": str(exc)}))  # fmt: skip
+        mark(
+            f"caught-rank{rank}.json",
+            json.dumps(
+                {"type": type(exc).__name__, "mro": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
+            ),
+        )
         return 1
     if rank == 0:
         torch.save(model.state_dict(), Path(args.out) / "weights.pt")
     beats = next((cb for cb in trainer.callbacks if type(cb).__name__ == "PhaseBeats"), None)
-    mark(f"result-rank{rank}.json", json.dumps({
-        "global_step": trainer.global_step,
-        "step_seconds": {str(k): v for k, v in (beats.step_seconds if beats else {}).items()},
-    }))  # fmt: skip
+    mark(
+        f"result-rank{rank}.json",
+        json.dumps(
+            {
+                "global_step": trainer.global_step,
+                "step_seconds": {str(k): v for k, v in (beats.step_seconds if beats else {}).items()},
+            }
+        ),
+    )
     return 0
 
 

@@ -48,7 +48,9 @@ class CommFacts(Callback):
         ddp = trainer.strategy.model
         stats = getattr(trainer.strategy, "comm_stats", None)
         self.facts = {
-            "comm_hook": ddp._get_ddp_logging_data().get("comm_hook") if hasattr(ddp, "_get_ddp_logging_data") else None,
+            "comm_hook": ddp._get_ddp_logging_data().get("comm_hook")
+            if hasattr(ddp, "_get_ddp_logging_data")
+            else None,
             "bytes_sent": stats.totals.bytes_sent if stats is not None else None,
         }
 
@@ -60,8 +62,15 @@ def train(out_dir: str, devices: int, num_nodes: int, max_steps: int, strategy: 
     comm = CommFacts()
     trainer = Trainer(
         callbacks=[comm],
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model)
     facts = {
