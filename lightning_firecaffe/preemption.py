@@ -38,6 +38,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from .compat import hpc_save_path
 from .options import require_choice
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class RequeueOnSignal(Callback):
     def _maybe_requeue(self, trainer: Trainer) -> None:
         if not self._active or not self._agreed(trainer):
             return
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        path = hpc_save_path(trainer)
         self._rng_states = gather_rng_states()
         trainer.save_checkpoint(path)  # every rank (collective state), rank 0 writes
         if trainer.is_global_zero:
