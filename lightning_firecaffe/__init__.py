@@ -13,8 +13,8 @@ executor -> DDP comm hook), ``strategy.py`` (the Lightning strategy), ``models/`
 from lightning.pytorch.strategies import StrategyRegistry
 
 from .comm.cost_model import LinkModel
-from .comm.executor import PeerStallError
 from .comm.schedules import algorithm_names, register_algorithm
+from .errors import PeerStallError
 from .options import InvalidOption
 from .strategy import FireCaffeStrategy
 from .watchdog import STALL_EXIT_CODE

@@ -31,10 +31,11 @@ from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .comm.schedules import algorithm_names, auto_candidates, get_algorithm, on_register
 from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
+from .errors import unwrap_hook_error
 from .network import configure_gloo_interface, needs_gloo_interface
 from .options import is_int, require, require_choice
 from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
-from .watchdog.errors import unwrap_hook_error, with_watchdog_view
+from .watchdog.errors import with_watchdog_view
 from .watchdog.monitor import kill_children
 from .watchdog.verdict import bad_allowances, merge_allowances
 

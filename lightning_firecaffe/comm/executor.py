@@ -33,21 +33,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from ..errors import PeerStallError, peer_error
 from .compression import round_for_wire
 from .dataflow import DataflowPlan, Event, plan_dataflow
 from .lockstep import LockstepRounds, message_tag
 from .schedules import Op, Schedule, get_algorithm
-
-
-class PeerStallError(RuntimeError):
-    """A peer did not answer within the stall timeout, or its connection broke (it probably died)."""
-
-    def __init__(self, message: str, peers: list[int] = ()):
-        super().__init__(message)
-        self.peers = list(peers)
-
-    def __reduce__(self):  # pickles whole (spawn launcher, submitit results): the peers are not in ``args``
-        return type(self), (str(self), self.peers)
 
 
 @dataclass
@@ -465,16 +455,4 @@ class ScheduleExecutor(LockstepRounds):
     def _peer_error(
         self, peers: list[int], doing: str, bucket: int, step: int, exc: BaseException | None
     ) -> PeerStallError:
-        peers = sorted(set(peers) - {self.rank, -1})
-        cause = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "timed out"
-        closed = exc is not None and any(w in str(exc).lower() for w in ("closed", "reset", "broken", "eof"))
-        what = (
-            "closed its connection (it probably died)" if closed else f"did not answer within {self.stall_timeout:g} s"
-        )
-        names = ", ".join(f"rank {r}" for r in peers) or "a peer"
-        return PeerStallError(
-            f"FireCaffe all-reduce on rank {self.rank}: {names} {what} while {doing} "
-            f"of gradient bucket {bucket} at training step {step}. Check that rank's log: it may have crashed, "
-            f"been killed, or be stuck outside training. (cause: {cause})",
-            peers,
-        )
+        return peer_error(self.rank, peers, doing, bucket=bucket, step=step, timeout_s=self.stall_timeout, exc=exc)

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import PeerStallError
 from ..watchdog.progress import bucket_beat
 from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
-from .executor import PeerStallError, ScheduleExecutor
+from .executor import ScheduleExecutor
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_firecaffe.comm.executor import PeerStallError, ScheduleExecutor
+from lightning_firecaffe.comm.executor import ScheduleExecutor
 from lightning_firecaffe.comm.schedules import Op, algorithm_names, chunk_offsets, schedule_for_bytes
+from lightning_firecaffe.errors import PeerStallError
 from lightning_firecaffe.testing.ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(120)

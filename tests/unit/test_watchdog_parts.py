@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from lightning_firecaffe.comm.executor import PeerStallError
-from lightning_firecaffe.watchdog.errors import unwrap_hook_error, with_watchdog_view
+from lightning_firecaffe.errors import PeerStallError, unwrap_hook_error
+from lightning_firecaffe.watchdog.errors import with_watchdog_view
 from lightning_firecaffe.watchdog.monitor import STALL_EXIT_CODE, Watchdog
 from lightning_firecaffe.watchdog.progress import Phase, Progress
 from lightning_firecaffe.watchdog.stacks import Frame, Whereabouts, classify, stack_of

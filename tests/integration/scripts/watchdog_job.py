@@ -116,7 +116,8 @@ class SlowDisk(TorchCheckpointIO):
 
 def inject_hook_fault() -> None:
     """The comm hook raises on the faulty rank at step ``--at``, as the executor does for a silent peer."""
-    from lightning_firecaffe.comm.executor import PeerStallError, ScheduleExecutor
+    from lightning_firecaffe.comm.executor import ScheduleExecutor
+    from lightning_firecaffe.errors import PeerStallError
 
     original = ScheduleExecutor.all_reduce_
 
