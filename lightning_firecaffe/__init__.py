@@ -17,12 +17,14 @@ from .comm.schedules import algorithm_names, register_algorithm
 from .errors import PeerStallError
 from .options import InvalidOption
 from .strategy import FireCaffeStrategy
+from .strategy_options import FireCaffeOptions
 from .watchdog import STALL_EXIT_CODE
 
 FireCaffeStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
 __all__ = [
+    "FireCaffeOptions",
     "FireCaffeStrategy",
     "InvalidOption",
     "LinkModel",

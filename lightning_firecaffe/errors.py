@@ -56,10 +56,12 @@ def peer_error(
     timeout_s: float,
     exc: BaseException | None,
     what: str = "all-reduce",
+    closed: bool | None = None,
 ) -> PeerStallError:
-    """The one wording of a failed wait: who, what happened (closed vs silent), doing what, where."""
+    """The one wording of a failed wait: who, what happened (closed vs silent), doing what, where.
+    ``closed``: what a census found, when ``exc`` (a collective's error) cannot say."""
     peers = sorted(set(peers) - {rank, -1})
-    closed = closed_connection(exc)
+    closed = closed_connection(exc) if closed is None else closed
     happened = "closed its connection (it probably died)" if closed else f"did not answer within {timeout_s:g} s"
     names = ", ".join(f"rank {r}" for r in peers) or "a peer"
     where = f"of gradient bucket {bucket} " if bucket is not None else ""

@@ -1,9 +1,10 @@
 """``FireCaffeStrategy``: Lightning's DDP with the gradient all-reduce replaced by a reduction tree.
 
-A thin policy over torch DDP, like Lightning's own ``DDPStrategy``: it only swaps the communication hook
-(the stock strategy silently skips hooks on CPU), gives the hook a dedicated process group so tree traffic
-never interleaves with Lightning's own collectives, and adds a telemetry callback. Its positional
-parameters are ``DDPStrategy``'s, in ``DDPStrategy``'s order; every FireCaffe option is keyword-only.
+A thin policy over torch DDP, like Lightning's own ``DDPStrategy``: it swaps the communication hook (the
+stock strategy silently skips hooks on CPU), gives the hook dedicated process groups so tree traffic never
+interleaves with Lightning's own collectives, keeps the gradient path's state in checkpoints, and turns a
+failed peer into an error that names it. Its positional parameters are ``DDPStrategy``'s, in
+``DDPStrategy``'s order; every FireCaffe option is keyword-only and lives in :class:`FireCaffeOptions`.
 """
 
 from __future__ import annotations
@@ -25,25 +26,30 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .comm.calibration import measure_link
-from .comm.compression import BucketLayout, GradientCompression, check_compression
+from .comm.compression import BucketLayout, GradientCompression
 from .comm.cost_model import LinkModel
 from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
-from .comm.schedules import algorithm_names, auto_candidates, get_algorithm, on_register
+from .comm.saved_state import CHECKPOINT_KEY, SavedCommState
+from .comm.schedules import auto_candidates, get_algorithm, on_register
 from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
-from .errors import unwrap_hook_error
+from .compat import launched_pids, trainer_of
+from .errors import PeerStallError, closed_connection, unwrap_hook_error
 from .network import configure_gloo_interface, needs_gloo_interface
-from .options import is_int, require, require_choice
-from .watchdog import ACTIONS, Policy, Watchdog, beat, start_watchdog
+from .options import require, require_choice
+from .strategy_options import OWNER, FireCaffeOptions
+from .transport import name_the_missing
+from .watchdog import Policy, Watchdog, beat, start_watchdog
 from .watchdog.errors import with_watchdog_view
 from .watchdog.monitor import kill_children
-from .watchdog.verdict import bad_allowances, merge_allowances
+from .watchdog.progress import bucket_beat
 
 log = logging.getLogger(__name__)
 
-_OWNER = "FireCaffeStrategy"
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _SUBSCRIBED: set[int] = set()  # strategy registries that already hear of new algorithms
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(FireCaffeOptions))
+CENSUS_TIMEOUT_S = 5.0  # how long survivors listen for each other after a collective failed
 
 
 class FireCaffeStrategy(DDPStrategy):
@@ -125,80 +131,17 @@ class FireCaffeStrategy(DDPStrategy):
         stall_allowance: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        require_choice(_OWNER, "algorithm", algorithm, ("auto", *algorithm_names()))
-        require(is_int(arity) and arity >= 2, _OWNER, "arity", arity, "must be an integer >= 2 (2 = binary tree)")
-        require(
-            is_int(chunk_bytes) and chunk_bytes > 0,
-            _OWNER,
-            "chunk_bytes",
-            chunk_bytes,
-            "must be a positive integer number of bytes",
-        )
-        require(
-            isinstance(stall_timeout, (int, float))
-            and not isinstance(stall_timeout, bool)
-            and math.isfinite(stall_timeout)
-            and stall_timeout > 0,
-            _OWNER,
-            "stall_timeout",
-            stall_timeout,
-            "must be a positive, finite number of seconds",
-        )
-        require(
-            link is None or link == "measure" or isinstance(link, LinkModel),
-            _OWNER,
-            "link",
-            link,
-            "must be a LinkModel, 'measure' or None",
-        )
-        require_choice(_OWNER, "start_method", start_method, _START_METHODS)
-        require(isinstance(watchdog, bool), _OWNER, "watchdog", watchdog, "must be True or False")
-        require_choice(_OWNER, "stall_action", stall_action, ACTIONS)
-        require(
-            stall_grace is None
-            or (
-                isinstance(stall_grace, (int, float))
-                and not isinstance(stall_grace, bool)
-                and math.isfinite(stall_grace)
-                and stall_grace >= 0
-            ),
-            _OWNER,
-            "stall_grace",
-            stall_grace,
-            "must be None or a finite number of seconds >= 0",
-        )
-        problem = bad_allowances(stall_allowance)
-        require(problem is None, _OWNER, "stall_allowance", stall_allowance, problem or "")
-        require(
-            is_int(auto_repetitions) and auto_repetitions >= 1,
-            _OWNER,
-            "auto_repetitions",
-            auto_repetitions,
-            "must be an integer >= 1",
-        )
-        self.wire_format = check_compression(compression, compression_error_feedback)
-        require(
-            not (compression_error_feedback and algorithm != "auto" and get_algorithm(algorithm).collective),
-            _OWNER,
-            "compression_error_feedback",
-            compression_error_feedback,
-            f"cannot be exact with algorithm={algorithm!r}: the backend's all-reduce adds in 16 bits, out of the "
-            "feedback's reach (pick a scheduled algorithm, or auto, which then skips it)",
-        )
+        require_choice(OWNER, "start_method", start_method, _START_METHODS)
         for option, value in (("ddp_comm_hook", ddp_comm_hook), ("ddp_comm_state", ddp_comm_state)):
-            require(
-                value is None,
-                _OWNER,
-                option,
-                value,
-                "is not supported: the strategy installs its own comm hook (use strategy='ddp' for a custom hook)",
-            )
+            why = "is not supported: the strategy installs its own comm hook (use strategy='ddp' for a custom hook)"
+            require(value is None, OWNER, option, value, why)
+        self.options = FireCaffeOptions(**{k: v for k, v in locals().items() if k in _OPTION_NAMES})
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
+            accelerator,
+            parallel_devices,
+            cluster_environment,
+            checkpoint_io,
+            precision_plugin,
             ddp_comm_wrapper=ddp_comm_wrapper,
             model_averaging_period=model_averaging_period,
             process_group_backend=process_group_backend,
@@ -206,123 +149,132 @@ class FireCaffeStrategy(DDPStrategy):
             start_method=start_method,
             **kwargs,
         )
-        self.algorithm = algorithm
-        self.arity = arity
-        self.chunk_bytes = chunk_bytes
-        self.stall_timeout = float(stall_timeout)
-        self.link = link or LinkModel()
-        self.tunes = algorithm == "auto" and link is None  # measure the candidates on the real buckets
-        self.auto_repetitions = auto_repetitions
-        self.measured_link: LinkModel | None = None
-        self.restored_choices: dict[int, str] = {}  # from a checkpoint: bucket bytes -> algorithm
-        self.compression = compression
-        self.compression_error_feedback = compression_error_feedback
-        self.restored_compression: dict | None = None  # from a checkpoint: scale and every rank's residual
         self.comm_stats = CommStats()
-        self._hook_state: FireCaffeHookState | None = None
-        self.watchdog_enabled, self.stall_action = watchdog, stall_action
-        self.stall_grace = self.stall_timeout / 2 if stall_grace is None else float(stall_grace)
-        self.stall_allowance = merge_allowances(stall_allowance)
-        self.watchdog: Watchdog | None = None  # the running one, in the process that trains
+        self.saved_comm = SavedCommState()  # from a checkpoint: auto's choices, compression's state
 
+    # Runtime state, built after launch in the process that trains.
+    measured_link: LinkModel | None = None  # link="measure": what the start-up ping-pong found
+    watchdog: Watchdog | None = None  # the running one
+    _hook_state: FireCaffeHookState | None = None
+    _failed_with: BaseException | None = None
+    _undo_environment: Callable[[], None] | None = None
+
+    # The options, read where the strategy used to keep them as attributes.
+    algorithm = property(lambda self: self.options.algorithm)
+    stall_timeout = property(lambda self: float(self.options.stall_timeout))
+    compression = property(lambda self: self.options.compression)
+    wire_format = property(lambda self: self.options.wire_format)
+
+    # ------------------------------------------------------------------ the hook, in named steps
     @override
     def _register_ddp_hooks(self) -> None:
         assert isinstance(self.model, DistributedDataParallel)
         backend = self._get_process_group_backend()
-        # Collective calls: every rank reaches configure_ddp in the same order, so group creation matches.
-        # Two groups: one TCP connection per direction of each pair (see ScheduleExecutor); each group's
-        # collectives are issued by one thread only, so their order is the same on every rank.
-        group, group_reverse = dist.new_group(backend=backend), dist.new_group(backend=backend)
-        # settled ``native`` buckets launch from the backward thread on a third group (timeout = stall deadline)
-        group_collective = dist.new_group(backend=backend, timeout=timedelta(seconds=self.stall_timeout))
-        world_size = dist.get_world_size(group)
+        groups = self._create_groups(backend)
+        rank, world_size = dist.get_rank(groups[0]), dist.get_world_size(groups[0])
+        selector = self._build_selector(world_size, self._link(groups[0], rank, world_size))
+        self._hook_state = FireCaffeHookState(
+            *groups[:2],
+            rank,
+            world_size,
+            selector,
+            stall_timeout=self.stall_timeout,
+            group_collective=groups[2],
+            lockstep=backend == "nccl",
+            device=self.root_device if backend == "nccl" else "cpu",
+            stats=self.comm_stats,
+            current_step=self._current_step,
+            compression=self._build_compression(rank, world_size),
+            parameter_names={id(p): name for name, p in self.model.module.named_parameters()},
+            on_bucket=bucket_beat,
+        )
+        hook = firecaffe_hook if self._ddp_comm_wrapper is None else self._ddp_comm_wrapper(firecaffe_hook)
+        self.model.register_comm_hook(self._hook_state, hook)
+
+    def _create_groups(self, backend: str) -> tuple[Any, Any, Any]:
+        """Collective calls, in the same order on every rank: one group per message direction (one TCP
+        connection each, see Transport) and one for backend all-reduces launched from backward, whose
+        timeout is the stall deadline. Each group's collectives are issued by one thread only."""
+        forward, reverse = dist.new_group(backend=backend), dist.new_group(backend=backend)
+        collective = dist.new_group(backend=backend, timeout=timedelta(seconds=self.stall_timeout))
+        return forward, reverse, collective
+
+    def _link(self, group: Any, rank: int, world_size: int) -> LinkModel:
+        """The link model ``auto``'s cost model prices with: given, measured at start-up, or the default."""
         ranks_per_node = max(1, self.num_processes)
-        if self.link == "measure":
-            rank = dist.get_rank(group)
-            self.measured_link = link = measure_link(
-                rank, world_size, ranks_per_node, group=group, device=self.root_device
-            )
-            if rank_zero_only.rank == 0:
-                log.info(
-                    "FireCaffe: measured links %.2f Gbit/s, %.0f us latency; `auto` picks algorithms for them",
-                    link.bandwidth_Bps * 8 / 1e9,
-                    link.latency_s * 1e6,
-                )
-        else:
-            link = dataclasses.replace(self.link, ranks_per_node=ranks_per_node)
-        candidates = None
-        if self.compression_error_feedback:  # feedback is exact only where sums accumulate in fp32
+        if self.options.link != "measure":
+            return dataclasses.replace(self.options.link or LinkModel(), ranks_per_node=ranks_per_node)
+        link = measure_link(rank, world_size, ranks_per_node, group=group, device=self.root_device)
+        self.measured_link = link
+        if rank_zero_only.rank == 0:
+            gbit, latency_us = link.bandwidth_Bps * 8 / 1e9, link.latency_s * 1e6
+            log.info("FireCaffe: measured links %.2f Gbit/s, %.0f us latency; `auto` picks for them", gbit, latency_us)
+        return link
+
+    def _build_selector(self, world_size: int, link: LinkModel) -> ScheduleSelector:
+        """The algorithm per bucket size; ``auto`` with a tuner that starts from a checkpoint's choices.
+        With error feedback ``auto`` weighs only algorithms that sum in fp32 (not the backend's)."""
+        o, candidates = self.options, None
+        if o.compression_error_feedback:
             eligible = auto_candidates(world_size, link.ranks_per_node)
             candidates = tuple(a for a in eligible if not get_algorithm(a).collective)
-        selector = ScheduleSelector(
-            self.algorithm, world_size, self.arity, self.chunk_bytes, link, candidates=candidates
-        )
-        if self.tunes:
-            restored = {n: a for n, a in self.restored_choices.items() if candidates is None or a in candidates}
+        selector = ScheduleSelector(o.algorithm, world_size, o.arity, o.chunk_bytes, link, candidates=candidates)
+        if o.tunes:
+            choices = self.saved_comm.auto_choices
+            restored = {n: a for n, a in choices.items() if candidates is None or a in candidates}
             selector.tuner = AutoTuner.restored(
                 restored,
                 world_size=world_size,
                 link=link,
                 fallback=selector.model_choice,
-                arity=self.arity,
-                chunk_bytes=self.chunk_bytes,
-                repetitions=self.auto_repetitions,
+                arity=o.arity,
+                chunk_bytes=o.chunk_bytes,
+                repetitions=o.auto_repetitions,
                 candidates=candidates,
             )
-        compression = self._build_compression(dist.get_rank(group), world_size)
-        self._hook_state = FireCaffeHookState(
-            group=group,
-            group_reverse=group_reverse,
-            group_collective=group_collective,
-            rank=dist.get_rank(group),
-            world_size=world_size,
-            selector=selector,
-            stall_timeout=self.stall_timeout,
-            inline=backend == "nccl",
-            device=self.root_device if backend == "nccl" else "cpu",
-            stats=self.comm_stats,
-            current_step=self._current_step,
-            compression=compression,
-            parameter_names={id(p): name for name, p in self.model.module.named_parameters()},
-        )
-        hook = firecaffe_hook if self._ddp_comm_wrapper is None else self._ddp_comm_wrapper(firecaffe_hook)
-        self.model.register_comm_hook(self._hook_state, hook)
+        return selector
+
+    def _build_compression(self, rank: int, world_size: int) -> GradientCompression | None:
+        """The wire format with its state, restored from a checkpoint when there is one."""
+        if self.wire_format is None:
+            return None
+        compression = GradientCompression(self.wire_format, self.options.compression_error_feedback)
+        self.comm_stats.wire_format = self.wire_format.name
+        restored = self.saved_comm.compression or {}
+        compression.load_state_dict(restored)
+        saved = restored.get("error_feedback")
+        if saved is None or compression.error_feedback is None:
+            return compression
+        if saved["world_size"] == world_size:
+            residual = saved["residuals"][rank].to(self.root_device)
+            compression.error_feedback.load_state_dict(residual, self._model_layout())
+        else:
+            log.warning(
+                "FireCaffe: the checkpoint's error-feedback residuals are from %d ranks, this run has %d; starting "
+                "without them (at most one step's rounding is not carried over)",
+                saved["world_size"],
+                world_size,
+            )
+        return compression
 
     def _model_layout(self) -> BucketLayout:
         """Every trainable parameter by name, in the module's order: how error-feedback state is saved."""
         module = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         return tuple((name, p.numel()) for name, p in module.named_parameters() if p.requires_grad)
 
-    def _build_compression(self, rank: int, world_size: int) -> GradientCompression | None:
-        """The wire format with its state, restored from a checkpoint when there is one."""
-        if self.wire_format is None:
-            return None
-        compression = GradientCompression(self.wire_format, self.compression_error_feedback)
-        self.comm_stats.wire_format = self.wire_format.name
-        restored = self.restored_compression or {}
-        compression.load_state_dict(restored)
-        saved = restored.get("error_feedback")
-        if saved is not None and compression.error_feedback is not None:
-            if saved["world_size"] == world_size:
-                residual = saved["residuals"][rank].to(self.root_device)
-                compression.error_feedback.load_state_dict(residual, self._model_layout())
-            else:
-                log.warning(
-                    "FireCaffe: the checkpoint's error-feedback residuals are from %d ranks, this run has %d; "
-                    "starting without them (at most one step's rounding is not carried over)",
-                    saved["world_size"],
-                    world_size,
-                )
-        return compression
+    # ------------------------------------------------------------------ checkpointed state
+    def auto_choices(self) -> dict[int, str]:
+        """``auto``'s measured choice per bucket size so far (or the checkpoint's, before the hook exists)."""
+        tuner = self._hook_state.selector.tuner if self._hook_state is not None else None
+        return tuner.choices() if tuner is not None else dict(self.saved_comm.auto_choices)
 
-    def compression_state(self) -> dict | None:
-        """What checkpoints keep of compression: fp16's scale and, with error feedback, every rank's
-        residual (a collective: every rank calls it while the checkpoint is assembled)."""
-        state = self._hook_state
-        compression = state.compression if state is not None else None
+    def comm_state(self) -> SavedCommState:
+        """What checkpoints keep of the gradient path. A collective with error feedback (every rank's
+        residual is gathered): every rank calls it, from :meth:`save_checkpoint`."""
+        compression = self._hook_state.compression if self._hook_state is not None else None
         if compression is None:
-            return self.restored_compression
-        out = compression.state_dict()
+            return SavedCommState(self.auto_choices(), self.saved_comm.compression)
+        state = compression.state_dict()
         if compression.error_feedback is not None:
             layout = self._model_layout()
             flat = compression.error_feedback.state_dict(layout)
@@ -330,16 +282,28 @@ class FireCaffeStrategy(DDPStrategy):
                 flat = torch.zeros(sum(n for _, n in layout), device=self.root_device)
             gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
             dist.all_gather(gathered, flat)
-            out["error_feedback"] = {"world_size": self.world_size, "residuals": [g.cpu() for g in gathered]}
-        return out
+            state["error_feedback"] = {"world_size": self.world_size, "residuals": [g.cpu() for g in gathered]}
+        return SavedCommState(self.auto_choices(), state)
 
     @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
+        checkpoint[CHECKPOINT_KEY] = self.comm_state().to_dict()  # every rank: Trainer.save_checkpoint
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        beat("checkpoint load", "checkpoint")
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        saved = SavedCommState.from_checkpoint(checkpoint)
+        if saved is not None:  # before the hook is built: Lightning restores before strategy.setup
+            self.saved_comm = saved
+        return checkpoint
+
+    # ------------------------------------------------------------------ training
+    @override
     def optimizer_step(
-        self,
-        optimizer: Any,
-        closure: Callable[[], Any],
-        model: Any | None = None,
-        **kwargs: Any,
+        self, optimizer: Any, closure: Callable[[], Any], model: Any | None = None, **kwargs: Any
     ) -> Any:
         """With fp16 on the wire, run the closure (backward and the all-reduce) first: if a bucket
         overflowed - on every rank alike, the reduced values are identical - skip this step."""
@@ -348,80 +312,101 @@ class FireCaffeStrategy(DDPStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         result = closure()
         overflowed = compression.end_step()
-        if overflowed:
-            step = self._current_step()
-            self.comm_stats.skipped_steps.append((step, overflowed))
-            log.warning(
-                "FireCaffe fp16 compression: gradient bucket(s) %s overflowed (inf/NaN after the all-reduce) at "
-                "training step %d; the optimizer step is skipped on every rank and the scale lowered to 2^%d",
-                ", ".join(map(str, overflowed)),
-                step,
-                int(math.log2(compression.scale.scale)),
-            )
-            return result
-        return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        if not overflowed:
+            return super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        step = self._current_step()
+        self.comm_stats.skipped_steps.append((step, overflowed))
+        log.warning(
+            "FireCaffe fp16 compression: gradient bucket(s) %s overflowed (inf/NaN after the all-reduce) at "
+            "training step %d; the optimizer step is skipped on every rank and the scale lowered to 2^%d",
+            ", ".join(map(str, overflowed)),
+            step,
+            int(math.log2(compression.scale.scale)),
+        )
+        return result
 
     def _current_step(self) -> int:
-        module = self.lightning_module
-        trainer = getattr(module, "_trainer", None) if module is not None else None
+        trainer = trainer_of(self.lightning_module)
         return trainer.global_step if trainer is not None else 0
 
-    def auto_choices(self) -> dict[int, str]:
-        """``auto``'s measured choice per bucket size so far (checkpointed by CommTelemetry)."""
-        state = self._hook_state
-        tuner = state.selector.tuner if state is not None else None
-        return tuner.choices() if tuner is not None else dict(self.restored_choices)
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """DDP's forward may run a collective of its own (the bucket rebuild after the first step): a dead
+        peer there is named like one in the hook."""
+        try:
+            return super().training_step(*args, **kwargs)
+        except RuntimeError as exc:
+            if isinstance(exc, PeerStallError) or not closed_connection(exc):
+                raise
+            raise self._explain(PeerStallError(str(exc), closed=True), "in DDP's forward") from exc
 
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """torch wraps the comm hook's error ("Unable to cast ... to Tensor"): raise the hook's own, with
+        the peer named. After the first backward that reduced gradients, DDP rebuilds its buckets: from
+        then on ``auto`` may time its candidates on the sizes training will use."""
+        synced = getattr(self.model, "require_backward_grad_sync", True)
+        try:
+            loss = super().backward(closure_loss, optimizer, *args, **kwargs)
+        except RuntimeError as exc:
+            error = unwrap_hook_error(exc, self._hook_state.failure if self._hook_state is not None else None)
+            if error is None:
+                raise
+            raise self._explain(error, "reducing gradients") from error.__cause__
+        if synced and self._hook_state is not None and not self._hook_state.selector.rebuilt:
+            self._hook_state.selector.buckets_rebuilt()
+        return loss
+
+    def _explain(self, error: BaseException, doing: str) -> BaseException:
+        """The error a user reads: a backend collective's failure names no peer, so the survivors take a
+        census (dead peers closed their connections, stopped ones stay silent); then what the watchdog knows."""
+        if isinstance(error, PeerStallError) and not error.peers and self._hook_state is not None:
+            census = self._hook_state.transport.census(min(CENSUS_TIMEOUT_S, self.stall_timeout))
+            named = name_the_missing(
+                census, self.global_rank, doing, step=self._current_step(), timeout_s=self.stall_timeout, cause=error
+            )
+            error = named or error
+        if self.watchdog is not None:
+            error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
+        return error
+
+    # ------------------------------------------------------------------ lifecycle
     @override
     def setup_environment(self) -> None:
         # gloo's interface: the one routing to MASTER_ADDR, or a clear error for a wrong GLOO_SOCKET_IFNAME
         if needs_gloo_interface(self._get_process_group_backend(), self.world_size):
             configure_gloo_interface(self.cluster_environment.main_address, announce=self.local_rank == 0)
         super().setup_environment()
-        # Before the checkpoint is restored (Lightning restores callbacks before strategy.setup), so that
-        # CommTelemetry's state - auto's choices - comes back with it.
-        from .callbacks.comm_telemetry import CommTelemetry
-
-        trainer = getattr(self.lightning_module, "_trainer", None) if self.lightning_module is not None else None
+        trainer = trainer_of(self.lightning_module)
         if trainer is not None:
-            telemetry = next((cb for cb in trainer.callbacks if isinstance(cb, CommTelemetry)), None)
-            if telemetry is None:
-                trainer.callbacks.append(telemetry := CommTelemetry())
-            telemetry.strategy = self
-            self._start_watchdog(trainer)
+            self._add_callbacks(trainer)
+            self._start_watchdog()
 
-    def _start_watchdog(self, trainer: Any) -> None:
-        """Phase beats from Lightning's hooks, and the watchdog thread (here: after launch, in the process
-        that trains)."""
+    def _add_callbacks(self, trainer: Any) -> None:
+        """Telemetry (metrics, end-of-fit summary) and, with the watchdog, phase beats from Lightning's hooks."""
+        from .callbacks.comm_telemetry import CommTelemetry
         from .callbacks.phase_beats import PhaseBeats
 
-        if not self.watchdog_enabled or self.world_size < 2 or self.watchdog is not None:
-            return
-        if not any(isinstance(cb, PhaseBeats) for cb in trainer.callbacks):
+        if not any(isinstance(cb, CommTelemetry) for cb in trainer.callbacks):
+            trainer.callbacks.append(CommTelemetry())
+        watched = self.options.watchdog and self.world_size > 1
+        if watched and not any(isinstance(cb, PhaseBeats) for cb in trainer.callbacks):
             trainer.callbacks.append(PhaseBeats())
-        launcher = self._launcher
+
+    def _start_watchdog(self) -> None:
+        """The watchdog thread (here: after launch, in the process that trains)."""
+        if not self.options.watchdog or self.world_size < 2 or self.watchdog is not None:
+            return
+        o = self.options
         self.watchdog = start_watchdog(
             self.global_rank,
             self.world_size,
-            Policy(self.stall_timeout, self.stall_allowance),
-            action=self.stall_action,
-            grace_s=self.stall_grace,
-            launched_ranks=lambda: [p.pid for p in getattr(launcher, "procs", [])],
+            Policy(self.stall_timeout, o.allowances),
+            action=o.stall_action,
+            grace_s=o.grace_s,
+            launched_ranks=lambda: launched_pids(self),
         )
         beat("setup", "setup")
-
-    @override
-    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """torch wraps the comm hook's error ("Unable to cast ... to Tensor"): raise the hook's own."""
-        try:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
-        except RuntimeError as exc:
-            error = unwrap_hook_error(exc, getattr(self._hook_state, "failure", None))
-            if error is None:
-                raise
-            if self.watchdog is not None:
-                error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
-            raise error from error.__cause__
 
     @override
     def on_exception(self, exception: BaseException) -> None:
@@ -429,27 +414,17 @@ class FireCaffeStrategy(DDPStrategy):
         self._failed_with = exception  # teardown tells the other ranks, and stops launched ranks that hang
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        beat("checkpoint load", "checkpoint")
-        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
-
-    @override
     def teardown(self) -> None:
         if self._hook_state is not None:
             self._hook_state.close()
             self._hook_state = None
         super().teardown()
-        failed, self._failed_with = getattr(self, "_failed_with", None), None
+        failed, self._failed_with = self._failed_with, None
         if self.watchdog is not None:  # last: a teardown that hangs is still watched
             self.watchdog.stop(error=failed)
             self.watchdog = None
-        if failed is not None and getattr(self._launcher, "procs", None):  # ranks this process started must not
-            kill_children([p.pid for p in self._launcher.procs], min(10.0, self.stall_timeout))  # outlive it (frozen)
+        if failed is not None and launched_pids(self):  # ranks this process started must not outlive it
+            kill_children(launched_pids(self), min(10.0, self.stall_timeout))
 
     @classmethod
     @override
@@ -479,4 +454,6 @@ class FireCaffeStrategy(DDPStrategy):
                 algorithm=algorithm.name,
             )
 
-        on_register(register_algorithm_name)
+        on_register(
+            register_algorithm_name, lambda algorithm: strategy_registry.pop(f"firecaffe_{algorithm.name}", None)
+        )

@@ -16,27 +16,13 @@ class CommTelemetry(Callback):
 
     Added automatically by ``FireCaffeStrategy``; loggers (CSV, TensorBoard, ...) record the metrics.
     When ``auto`` has measured its choice for a bucket size, ``firecaffe/auto_ms/<bytes>`` logs the
-    winner's time once. Its checkpointed state is ``auto``'s choice per bucket size, so that a resumed
-    run uses the same algorithms without re-tuning, plus compression's state (fp16's scale, every rank's
-    error-feedback residual), so that a resumed run continues exactly.
+    winner's time once. It keeps no state: the strategy itself saves the gradient path's state in
+    checkpoints (``auto``'s choices, compression's scale and residuals).
     """
 
     def __init__(self) -> None:
         self._logged_steps = 0
         self._logged_choices: set[int] = set()
-        self.strategy: Any = None  # set by FireCaffeStrategy
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        choices = self.strategy.auto_choices() if self.strategy is not None else {}
-        compression = self.strategy.compression_state() if self.strategy is not None else None
-        return {"auto_choices": {int(k): v for k, v in choices.items()}, "compression": compression}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.strategy is not None:
-            self.strategy.restored_choices = {int(k): v for k, v in state_dict.get("auto_choices", {}).items()}
-            self.strategy.restored_compression = state_dict.get("compression")
 
     @staticmethod
     def _stats(trainer: pl.Trainer):

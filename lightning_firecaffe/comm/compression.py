@@ -33,10 +33,6 @@ from typing import Any
 
 import torch
 
-from ..options import InvalidOption
-
-_OWNER = "FireCaffeStrategy"
-
 
 @dataclass(frozen=True)
 class WireFormat:
@@ -57,30 +53,28 @@ WIRE_FORMATS: dict[str, WireFormat] = {
     "bf16": WireFormat("bf16", torch.bfloat16, 2.0**-8, 2.0**-134, scaled=False),  # fp32's range, 8-bit mantissa
     "fp16": WireFormat("fp16", torch.float16, 2.0**-11, 2.0**-25, scaled=True),  # max 65504, 11-bit mantissa
 }
-_CHOICES = ("None", *(repr(k) for k in WIRE_FORMATS))
+CHOICES = ("None", *(repr(k) for k in WIRE_FORMATS))
 
 
 def wire_format(compression: str | None) -> WireFormat | None:
-    """The format for the ``compression`` option; ``InvalidOption`` naming the allowed values otherwise."""
+    """The format called ``compression``; a ValueError naming the allowed values otherwise (the strategy
+    words it as its option)."""
     if compression is None:
         return None
     if not isinstance(compression, str) or compression not in WIRE_FORMATS:
-        raise InvalidOption(_OWNER, "compression", compression, f"is not one of {', '.join(_CHOICES)}")
+        raise ValueError(f"is not one of {', '.join(CHOICES)}")
     return WIRE_FORMATS[compression]
 
 
 def wire_dtype_for(fmt: WireFormat | None, gradient_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a gradient of ``gradient_dtype`` travels in: ``None`` when it travels as it is (no
-    compression, or already 16-bit); ``InvalidOption`` for a gradient that is not floating point."""
+    compression, or already 16-bit); a ValueError for a gradient that is not floating point."""
     if fmt is None:
         return None
     if not gradient_dtype.is_floating_point:
-        raise InvalidOption(
-            _OWNER,
-            "compression",
-            fmt.name,
-            f"applies to floating-point gradients only, not {gradient_dtype} (allowed: float32, float64; "
-            "16-bit gradients travel as they are)",
+        raise ValueError(
+            f"compression={fmt.name!r} applies to floating-point gradients only, not {gradient_dtype} (allowed: "
+            "float32, float64; 16-bit gradients travel as they are)"
         )
     if gradient_dtype.itemsize <= fmt.itemsize:
         return None
@@ -293,18 +287,3 @@ class BucketCompression:
     wire_dtype: torch.dtype | None
     residual: torch.Tensor | None
     scale: float
-
-
-def check_compression(compression: Any, error_feedback: Any) -> WireFormat | None:
-    """The strategy's two options, checked together (``InvalidOption`` naming the option and the values)."""
-    fmt = wire_format(compression)
-    if not isinstance(error_feedback, bool):
-        raise InvalidOption(_OWNER, "compression_error_feedback", error_feedback, "must be True or False")
-    if error_feedback and fmt is None:
-        raise InvalidOption(
-            _OWNER,
-            "compression_error_feedback",
-            error_feedback,
-            f"needs compression set to one of {', '.join(repr(k) for k in WIRE_FORMATS)}",
-        )
-    return fmt

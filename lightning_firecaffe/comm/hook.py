@@ -1,15 +1,24 @@
-"""The DDP communication hook: hand each gradient bucket to the executor and return a Future.
+"""The DDP communication hook: one route per bucket, decided once, each route one named function.
 
-Like torch's own hooks (``ddp_comm_hooks/default_hooks.py``) it is a function of (state, bucket). On
-gloo the work runs on one FIFO worker thread per process so that it overlaps backward while buckets keep
-their launch order on every rank; gloo Works have no futures, so the worker completes our own Future. On
-NCCL the ops are enqueued inline (they are asynchronous on the GPU anyway). With compression
-(:mod:`.compression`) each bucket is prepared for the wire before its all-reduce (error-feedback residual
-added, fp16 scale applied) and checked after it; algorithm choices are keyed by the bytes on the wire.
+Like torch's own hooks (``ddp_comm_hooks/default_hooks.py``) the hook is a function of (state, bucket).
+Every bucket takes one of three routes (:func:`route_for`):
+
+- ``WORKER``: a schedule (or one of ``auto``'s timed trials) runs on one FIFO worker thread per process
+  (gloo): it overlaps backward while buckets keep their launch order on every rank; gloo's p2p Works have
+  no futures, so the worker completes the bucket's Future itself.
+- ``INLINE``: a schedule issued from the backward thread (NCCL: its batches are asynchronous on the GPU).
+- ``COLLECTIVE``: the backend's own all-reduce, launched from the backward thread as DDP's own
+  ``allreduce_hook`` does; its Work's future completes the bucket.
+
+With compression (:mod:`.compression`) a bucket is prepared for the wire before its all-reduce and
+checked after it; algorithm choices are keyed by the bytes on the wire. Failures become
+:class:`~lightning_firecaffe.errors.PeerStallError` (kept on ``state.failure`` too: torch wraps the
+Future's exception, and the strategy re-raises this one).
 
 (No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
 """
 
+import enum
 import logging
 import os
 import queue
@@ -17,14 +26,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from ..errors import PeerStallError
-from ..watchdog.progress import bucket_beat
+from ..errors import peer_error
+from ..transport import Transport
 from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
 from .executor import ScheduleExecutor
@@ -35,10 +43,35 @@ from .tuner import AutoTuner
 log = logging.getLogger(__name__)
 
 
+class Route(enum.Enum):
+    WORKER = "worker"
+    INLINE = "inline"
+    COLLECTIVE = "collective"
+
+
+class Decision(NamedTuple):
+    """The algorithm for one bucket, and whether this run of it is one of ``auto``'s timed trials."""
+
+    algorithm: str
+    trial: bool = False
+
+
+def route_for(decision: Decision, lockstep: bool, exchange_follows: bool = False) -> Route:
+    """The route table. A timed trial, or a bucket after which ``auto`` exchanges its measurements, runs
+    where it can be timed and followed (worker, or inline on NCCL); the backend's all-reduce otherwise
+    runs as a collective launched from backward; schedules run inline on NCCL, on the worker on gloo."""
+    collective = get_algorithm(decision.algorithm).collective
+    if collective and not (decision.trial or exchange_follows):
+        return Route.COLLECTIVE
+    return Route.INLINE if lockstep else Route.WORKER
+
+
 @dataclass
 class ScheduleSelector:
     """Picks the algorithm for a bucket size: a pinned one, or ``auto``: measured by ``tuner`` when it has
-    one (the default), else the cost model under ``link``."""
+    one (the default), else the cost model under ``link``. ``auto`` starts trials only once the strategy
+    has said that DDP rebuilt its buckets (:meth:`buckets_rebuilt`): before that, bucket sizes are not
+    the ones training will use."""
 
     algorithm: str
     world_size: int
@@ -47,7 +80,11 @@ class ScheduleSelector:
     link: LinkModel = field(default_factory=LinkModel)
     tuner: AutoTuner | None = None
     candidates: tuple[str, ...] | None = None  # what ``auto`` may pick; None: the registry's
+    rebuilt: bool = False
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def buckets_rebuilt(self) -> None:
+        self.rebuilt = True
 
     def model_choice(self, nbytes: int) -> str:
         if nbytes not in self._cache:
@@ -61,35 +98,42 @@ class ScheduleSelector:
             )
         return self._cache[nbytes]
 
-    def runs_collective_inline(self, nbytes: int) -> str | None:
-        """The collective (backend all-reduce) algorithm this bucket size is settled on, if any: pinned, or
-        chosen by ``auto``. Such buckets are launched straight from the hook, as DDP's own allreduce_hook
-        does, so the backend overlaps them itself."""
-        name = self.algorithm if self.algorithm != "auto" else self.settled(nbytes)
-        return name if name is not None and get_algorithm(name).collective else None
-
-    def settled(self, nbytes: int) -> str | None:
-        """``auto``'s measured (or restored) choice for this size, if there is one yet."""
-        return self.tuner.choice(nbytes) if self.tuner is not None else None
-
-    def algorithm_for(self, nbytes: int, measuring: bool = True) -> str:
-        """``measuring=False`` (DDP's first step, before it rebuilds its buckets): ``auto`` runs a settled
-        choice or the cost model's, and starts no trial."""
+    def decide(self, nbytes: int) -> Decision:
         if self.algorithm != "auto":
-            return self.algorithm
-        if self.tuner is not None and (measuring or self.settled(nbytes) is not None):
-            return self.tuner.algorithm_for(nbytes)
-        return self.model_choice(nbytes)
+            return Decision(self.algorithm)
+        settled = self.tuner.choice(nbytes) if self.tuner is not None else None
+        if settled is not None:
+            return Decision(settled)
+        if self.tuner is None or not self.rebuilt:
+            return Decision(self.model_choice(nbytes))
+        algorithm = self.tuner.algorithm_for(nbytes)
+        return Decision(algorithm, trial=not self.tuner.sizes[nbytes].measured)
 
-    def schedule_for(self, nbytes: int, algorithm: str | None = None) -> Schedule:
+    @property
+    def tuning(self) -> bool:
+        return self.tuner is not None and self.rebuilt and self.tuner.tuning
+
+    def schedule_for(self, nbytes: int, algorithm: str) -> Schedule:
         return schedule_for_bytes(
-            algorithm or self.algorithm_for(nbytes),
+            algorithm,
             nbytes,
             self.world_size,
             chunk_bytes=self.chunk_bytes,
             arity=self.arity,
             ranks_per_node=self.link.ranks_per_node,
         )
+
+
+class BucketJob(NamedTuple):
+    """One gradient bucket, as the hook saw it when DDP handed it over."""
+
+    buffer: torch.Tensor
+    index: int
+    is_last: bool
+    step: int
+    nbytes: int  # on the wire
+    decision: Decision
+    layout: BucketLayout | None
 
 
 class _FifoWorker:
@@ -112,23 +156,29 @@ class _FifoWorker:
             job()
 
 
+def _no_progress(bucket: int) -> None:
+    pass
+
+
 @dataclass
 class FireCaffeHookState:
-    """Everything the hook needs; runtime parts (thread, scratch) are built lazily in the using process."""
+    """Everything the hook needs; runtime parts (thread, executor) are built lazily in the using process."""
 
     group: Any  # messages from lower to higher ranks
-    group_reverse: Any  # the other direction (see ScheduleExecutor)
+    group_reverse: Any  # the other direction, and ``auto``'s exchange (see Transport)
     rank: int
     world_size: int
     selector: ScheduleSelector
     stall_timeout: float = 60.0
-    group_collective: Any = None  # settled ``native`` buckets, issued by the backward thread only; timeout = stall
-    inline: bool = False  # True on NCCL: enqueue on the GPU stream from the backward thread
+    group_collective: Any = None  # COLLECTIVE-route buckets, issued by the backward thread only
+    lockstep: bool = False  # NCCL: schedules run as rounds of batch_isend_irecv from the backward thread
     device: Any = "cpu"  # where the tuner's exchange tensor lives (the CUDA device on NCCL)
     stats: CommStats = field(default_factory=CommStats)
     current_step: Callable[[], int] = lambda: 0
     compression: GradientCompression | None = None  # 16-bit on the wire (with its scale and residuals)
     parameter_names: dict = field(default_factory=dict)  # id(parameter) -> name, for error-feedback layouts
+    on_bucket: Callable[[int], None] = _no_progress  # progress callback (the watchdog's beat), per bucket
+    failure: BaseException | None = None  # the last failure, unwrapped (torch garbles the Future's)
     _executor: ScheduleExecutor | None = field(default=None, repr=False)
     _worker: _FifoWorker | None = field(default=None, repr=False)
     _pid: int | None = field(default=None, repr=False)
@@ -140,32 +190,26 @@ class FireCaffeHookState:
 
     @property
     def executor(self) -> ScheduleExecutor:
-        self._ensure_runtime()
-        assert self._executor is not None
+        if self._pid != os.getpid():  # threads do not survive fork: rebuild in this process
+            self._pid, self._worker = os.getpid(), None
+            self._executor = ScheduleExecutor(
+                self.rank, self.world_size, self.group, self.group_reverse, self.stall_timeout, self.lockstep
+            )
         return self._executor
 
     @property
+    def transport(self) -> Transport:
+        return self.executor.transport
+
+    @property
     def worker(self) -> _FifoWorker:
-        self._ensure_runtime()
+        self.executor  # noqa: B018 - (re)builds the runtime in this process first
         if self._worker is None:
             self._worker = _FifoWorker()
         return self._worker
 
-    def _ensure_runtime(self) -> None:
-        if self._pid != os.getpid():  # threads do not survive fork: rebuild in this process
-            self._pid = os.getpid()
-            self._worker = None
-            self._executor = ScheduleExecutor(
-                self.rank,
-                self.world_size,
-                group=self.group,
-                group_reverse=self.group_reverse,
-                stall_timeout=self.stall_timeout,
-                batched=self.inline,
-            )
-
     def close(self) -> None:
-        """Stop the worker and release the dedicated process group (all ranks call this at teardown)."""
+        """Stop the worker and release the dedicated process groups (all ranks call this at teardown)."""
         if self._pid == os.getpid():
             if self._worker is not None:
                 self._worker.stop()
@@ -175,10 +219,9 @@ class FireCaffeHookState:
                 if group is not None and dist.is_initialized():
                     try:
                         dist.destroy_process_group(group)
-                    except Exception:  # already gone (e.g. after a failure): nothing left to release
+                    except Exception:  # noqa: BLE001 - already gone (after a failure): nothing to release
                         pass
-        self._worker = None
-        self._executor = None
+        self._worker = self._executor = None
         self.group = self.group_reverse = self.group_collective = None
 
     def wire_nbytes(self, buffer: torch.Tensor) -> int:
@@ -187,7 +230,7 @@ class FireCaffeHookState:
             return buffer.numel() * self.compression.format.itemsize
         return buffer.numel() * buffer.element_size()
 
-    def layout_of(self, bucket: dist.GradBucket) -> BucketLayout | None:
+    def layout_of(self, bucket: Any) -> BucketLayout | None:
         """The bucket's parameters by name, in buffer order (error feedback follows parameters, not bucket
         indices, across DDP's bucket rebuilds); None without error feedback."""
         if self.compression is None or self.compression.error_feedback is None:
@@ -197,161 +240,156 @@ class FireCaffeHookState:
             layout = ((f"bucket {bucket.index()}", bucket.buffer().numel()),)
         return layout
 
-    def reduce_bucket(
-        self, buffer: torch.Tensor, index: int, is_last: bool, step: int, layout: BucketLayout | None = None
-    ) -> None:
-        """Average ``buffer`` across ranks in place and record what it cost (and, while tuning, the time of
-        the candidate that ran)."""
-        executor = self.executor
+    def job_for(self, bucket: Any) -> BucketJob:
+        buffer = bucket.buffer()
         nbytes = self.wire_nbytes(buffer)
-        measuring = self.stats.completed_steps > 0  # DDP rebuilds its buckets after the first step
-        algorithm = self.selector.algorithm_for(nbytes, measuring)
-        schedule = self.selector.schedule_for(nbytes, algorithm)
-        self.stats.algorithms[nbytes] = algorithm
-        sent0, recv0 = executor.counters.bytes_sent, executor.counters.bytes_received
-        prepared = self.compression.begin(buffer, layout) if self.compression is not None else None
-        started = time.perf_counter()
-        executor.all_reduce_(
-            buffer,
-            schedule,
-            bucket=index,
-            step=step,
-            wire=prepared.wire_dtype if prepared else None,
-            residual=prepared.residual if prepared else None,
-        )
-        elapsed = time.perf_counter() - started
-        if prepared is not None:
-            self.compression.finish(buffer, prepared, index)
-        tuner = self.selector.tuner if measuring else None  # only ``auto`` has a tuner
-        if tuner is not None:
-            tuner.record(nbytes, algorithm, elapsed)
-            if is_last and tuner.tuning:
-                self._exchange_measurements(tuner, step)
-        sent = executor.counters.bytes_sent - sent0
-        self.stats.bucket_done(
-            sent, executor.counters.bytes_received - recv0, elapsed, is_last, saved=self._saved(buffer, sent)
-        )
+        decision = self.selector.decide(nbytes)
+        self.stats.algorithms[nbytes] = decision.algorithm
+        args = (buffer, bucket.index(), bucket.is_last(), self.current_step(), nbytes, decision)
+        return BucketJob(*args, self.layout_of(bucket))
 
-    def _saved(self, buffer: torch.Tensor, sent: int) -> int:
+    def saved_bytes(self, buffer: torch.Tensor, sent: int) -> int:
         """Bytes the wire format saved against sending the gradient's own dtype."""
         wire = self.wire_nbytes(buffer)
         return sent * (buffer.numel() * buffer.element_size()) // wire - sent if wire else 0
 
-    def _exchange_measurements(self, tuner: AutoTuner, step: int) -> None:
-        """End of a tuning step: every rank's slowest time per candidate, then the same choice everywhere."""
-
-        def slowest(times: list) -> list:
-            mine = torch.tensor([t if t == t else float("inf") for t in times], dtype=torch.float64, device=self.device)
-            # on the reverse group: it carries no other collective, so no ordering across threads matters
-            work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group_reverse, async_op=True)
-            try:
-                ok = work.wait(timeout=timedelta(seconds=self.stall_timeout))
-            except Exception as exc:
-                raise PeerStallError(
-                    f"FireCaffe auto-tuning on rank {self.rank}: a peer did not join the exchange of measured "
-                    f"times within {self.stall_timeout:g} s at training step {step} (cause: {exc})",
-                    [],
-                ) from exc
-            if ok is False:
-                raise PeerStallError(f"FireCaffe auto-tuning on rank {self.rank}: exchange timed out", [])
-            return mine.cpu().tolist()
-
-        decided = tuner.exchange(slowest)
-        if decided:
-            self.stats.tuning = tuner.report()
-            fit = tuner.fitted_link()
-            if fit is not None:
-                self.stats.fitted_link = {
-                    "gbit_per_s": fit[0].bandwidth_Bps * 8 / 1e9,
-                    "latency_us": fit[0].latency_s * 1e6,
-                    "rms_error": fit[1],
-                }
-            if self.rank == 0:
-                for row in self.stats.tuning:
-                    if row["bytes"] in decided:
-                        log.info("FireCaffe auto: %s", describe_choice(row))
-
 
 def firecaffe_hook(state: FireCaffeHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Average a gradient bucket with a reduction-tree (or other scheduled) all-reduce.
+    """Average a gradient bucket across ranks along the route its algorithm takes.
 
     Args:
-        state: the strategy's :class:`FireCaffeHookState` (groups, schedule selector, deadline, stats).
+        state: the strategy's :class:`FireCaffeHookState` (groups, selector, deadline, stats).
         bucket: DDP's gradient bucket; its flat buffer is averaged in place.
 
     Returns:
-        A future completed with the averaged buffer, or with the :class:`PeerStallError` that names a
-        silent peer (raised in the training thread's backward).
+        A future completed with the averaged buffer, or with the :class:`PeerStallError` that names the
+        peer that failed (raised in the training thread's backward).
     """
-    buffer = bucket.buffer()
-    index, is_last = bucket.index(), bucket.is_last()
-    step = state.current_step()
-    layout = state.layout_of(bucket)
-    state.stats.bucket_ready(is_last)
-    bucket_beat(index)  # the stall watchdog: backward is moving
-    buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
+    job = state.job_for(bucket)
+    state.stats.bucket_ready(job.is_last)
+    state.on_bucket(job.index)
+    job.buffer.div_(state.world_size)  # DDP's own convention: average = sum of grad / world size
+    exchange_follows = job.is_last and state.selector.tuning
+    return ROUTES[route_for(job.decision, state.lockstep, exchange_follows)](state, job)
+
+
+def run_on_worker(state: FireCaffeHookState, job: BucketJob) -> torch.futures.Future[torch.Tensor]:
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-
-    def job() -> None:
-        try:
-            state.reduce_bucket(buffer, index, is_last, step, layout)
-        except BaseException as exc:  # surfaces in the backward pass of the training thread
-            state.failure = exc  # torch wraps it ("Unable to cast ..."): the strategy re-raises this one
-            future.set_exception(exc)
-        else:
-            future.set_result(buffer)
-
-    nbytes = state.wire_nbytes(buffer)
-    collective = None if state.inline else state.selector.runs_collective_inline(nbytes)
-    if collective is not None:
-        return _launch_collective(state, buffer, collective, index, is_last, step, layout)
-    if state.inline:
-        job()
-    else:
-        state.worker.submit(job)
+    state.worker.submit(lambda: _complete(state, job, future))
     return future
 
 
-def _launch_collective(
-    state: FireCaffeHookState,
-    buffer: torch.Tensor,
-    algorithm: str,
-    index: int,
-    is_last: bool,
-    step: int,
-    layout: BucketLayout | None = None,
-) -> torch.futures.Future[torch.Tensor]:
-    """The backend's all-reduce, launched now from the backward thread like DDP's own hook; its group's
-    timeout is the stall timeout, and a failure reads as a PeerStallError. With compression the backend
-    reduces a 16-bit copy (its own, not the worker's staging buffer: both may be in flight at once)."""
-    nbytes = state.wire_nbytes(buffer)
-    state.stats.algorithms[nbytes] = algorithm
-    prepared = state.compression.begin(buffer, layout) if state.compression is not None else None
+def run_inline(state: FireCaffeHookState, job: BucketJob) -> torch.futures.Future[torch.Tensor]:
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    _complete(state, job, future)
+    return future
+
+
+def launch_collective(state: FireCaffeHookState, job: BucketJob) -> torch.futures.Future[torch.Tensor]:
+    """The backend's all-reduce on the collective group (its timeout is the stall deadline); with
+    compression it reduces a 16-bit copy of its own (a worker's staging buffer may be in flight)."""
+    buffer = job.buffer
+    prepared = state.compression.begin(buffer, job.layout) if state.compression is not None else None
     reduced = buffer
     if prepared is not None and prepared.wire_dtype is not None:
         reduced = torch.empty_like(buffer, dtype=prepared.wire_dtype)
         round_for_wire(buffer, reduced, prepared.residual, keep=False)  # the result replaces the buffer
-    sent, received = state.executor.modelled_bytes(state.selector.schedule_for(nbytes, algorithm), reduced)
+    schedule = state.selector.schedule_for(job.nbytes, job.decision.algorithm)
+    sent, received = state.executor.modelled_bytes(schedule, reduced)
     started = time.perf_counter()
-    work = dist.all_reduce(reduced, group=state.group_collective, async_op=True)
+    work = state.transport.all_reduce(reduced, group=state.group_collective)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         try:
             fut.value()
         except Exception as exc:
-            raise PeerStallError(
-                f"FireCaffe all-reduce on rank {state.rank}: the backend's all_reduce of gradient bucket {index} "
-                f"at training step {step} did not finish within {state.stall_timeout:g} s: a peer is stuck, dead "
-                f"or unreachable (cause: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r})",
+            t = state.transport
+            error = peer_error(
+                t.rank,
                 [],
-            ) from exc
+                "in the backend's all_reduce",
+                bucket=job.index,
+                step=job.step,
+                timeout_s=t.stall_timeout,
+                exc=exc,
+            )
+            state.failure = error
+            raise error from exc
         if reduced is not buffer:
             buffer.copy_(reduced)
         if prepared is not None:
-            state.compression.finish(buffer, prepared, index)
-        state.stats.bucket_done(
-            sent, received, time.perf_counter() - started, is_last, saved=state._saved(buffer, sent)
-        )
+            state.compression.finish(buffer, prepared, job.index)
+        elapsed = time.perf_counter() - started
+        state.stats.bucket_done(sent, received, elapsed, job.is_last, saved=state.saved_bytes(buffer, sent))
         return buffer
 
     return work.get_future().then(finish)
+
+
+ROUTES = {Route.WORKER: run_on_worker, Route.INLINE: run_inline, Route.COLLECTIVE: launch_collective}
+
+
+def _complete(state: FireCaffeHookState, job: BucketJob, future: torch.futures.Future) -> None:
+    try:
+        reduce_bucket(state, job)
+    except BaseException as exc:  # noqa: BLE001 - surfaces in the training thread's backward
+        state.failure = exc
+        future.set_exception(exc)
+    else:
+        future.set_result(job.buffer)
+
+
+def reduce_bucket(state: FireCaffeHookState, job: BucketJob) -> None:
+    """Average ``job.buffer`` in place with its schedule, record what it cost and, while tuning, the
+    trial's time; after the last bucket of a tuning step, exchange the measurements."""
+    executor, buffer = state.executor, job.buffer
+    counters = executor.counters
+    sent0, received0 = counters.bytes_sent, counters.bytes_received
+    prepared = state.compression.begin(buffer, job.layout) if state.compression is not None else None
+    started = time.perf_counter()
+    executor.all_reduce_(
+        buffer,
+        state.selector.schedule_for(job.nbytes, job.decision.algorithm),
+        bucket=job.index,
+        step=job.step,
+        wire=prepared.wire_dtype if prepared else None,
+        residual=prepared.residual if prepared else None,
+    )
+    elapsed = time.perf_counter() - started
+    if prepared is not None:
+        state.compression.finish(buffer, prepared, job.index)
+    if job.decision.trial:
+        state.selector.tuner.record(job.nbytes, job.decision.algorithm, elapsed)
+    if job.is_last and state.selector.tuning:
+        exchange_measurements(state, job.step)
+    sent = counters.bytes_sent - sent0
+    saved = state.saved_bytes(buffer, sent)
+    state.stats.bucket_done(sent, counters.bytes_received - received0, elapsed, job.is_last, saved=saved)
+
+
+def exchange_measurements(state: FireCaffeHookState, step: int) -> None:
+    """End of a tuning step: every rank's slowest time per candidate, then the same choice everywhere.
+    On the reverse group: it carries no other collective, so no ordering across threads matters."""
+    tuner, transport = state.selector.tuner, state.transport
+
+    def slowest(times: list) -> list:
+        mine = torch.tensor([t if t == t else float("inf") for t in times], dtype=torch.float64, device=state.device)
+        work = transport.all_reduce(mine, group=state.group_reverse, op=dist.ReduceOp.MAX)
+        transport.wait(work, [], "exchanging auto's measured times", step=step, what="auto-tuning")
+        return mine.cpu().tolist()
+
+    decided = tuner.exchange(slowest)
+    if decided:
+        state.stats.tuning = tuner.report()
+        fit = tuner.fitted_link()
+        if fit is not None:
+            link, rms = fit
+            state.stats.fitted_link = {
+                "gbit_per_s": link.bandwidth_Bps * 8 / 1e9,
+                "latency_us": link.latency_s * 1e6,
+                "rms_error": rms,
+            }
+        if state.rank == 0:
+            for row in state.stats.tuning:
+                if row["bytes"] in decided:
+                    log.info("FireCaffe auto: %s", describe_choice(row))

@@ -14,31 +14,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 
+from ..transport import Transport
 from .compression import round_for_wire
-from .schedules import Message, Op, Schedule, chunk_offsets
-
-_TAG_SPACE = 1 << 30
-
-
-def message_tag(bucket: int, schedule: Schedule, round_index: int, first_chunk: int) -> int:
-    """The tag of one message: unique per (bucket, round, first chunk) between a pair of ranks."""
-    tag = ((bucket % 1024) * (schedule.num_rounds + 1) + round_index) * (schedule.num_chunks + 1) + first_chunk
-    return tag % _TAG_SPACE
+from .schedules import Message, Op, Schedule, chunk_offsets, message_tag
+from .scratch import Scratch
 
 
 @dataclass
 class _Pending:
-    """A posted message whose Work has not been waited for yet."""
+    """A posted batch's Work and the messages it may carry (NCCL may coalesce a batch into one Work)."""
 
     work: Any
     description: str
-    peer: int  # -1: a batched round (NCCL), whose peers are listed in the description
+    peers: tuple[int, ...]
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -81,12 +73,23 @@ class _Round:
     posted: set = field(default_factory=set)
 
 
-class LockstepRounds:
-    """Mixed into :class:`~.executor.ScheduleExecutor`: runs a schedule round by round (NCCL)."""
+class LockstepRunner:
+    """Runs schedules round by round for one rank (NCCL); owns its round plans."""
 
-    def _run_rounds(
-        self, buffer: torch.Tensor, schedule: Schedule, bucket: int, step: int, wire: Any = None, residual: Any = None
+    def __init__(self, transport: Transport, scratch: Scratch, overlap_bytes: int) -> None:
+        self.transport, self.scratch, self.overlap_bytes = transport, scratch, overlap_bytes
+        self._plans: dict[tuple, tuple[Schedule, list[_RoundPlan]]] = {}  # (id(schedule), numel, itemsize) -> plans
+
+    def run(
+        self,
+        buffer: torch.Tensor,
+        schedule: Schedule,
+        bucket: int,
+        step: int,
+        wire: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Sum ``buffer`` across ranks in place following ``schedule``, one batch per round."""
         on_wire = buffer if wire is None else wire
         rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), on_wire.element_size())]
         unapplied: _Round | None = None
@@ -120,7 +123,7 @@ class LockstepRounds:
         if cached is None or cached[0] is not schedule:  # ``is``: an id may be reused after collection
             offsets = chunk_offsets(numel, schedule.num_chunks)
             plans = []
-            for round_index, messages in enumerate(schedule.messages_of(self.rank)):
+            for round_index, messages in enumerate(schedule.messages_of(self.transport.rank)):
                 live = [m for m in messages if offsets[m.hi] > offsets[m.lo]]
                 if live:
                     plans.append(self._plan(live, offsets, round_index, len(plans), itemsize))
@@ -174,47 +177,48 @@ class LockstepRounds:
         just those, early, while the previous round is still in flight."""
         plan = rnd.plan
         if rnd.scratch is None and plan.scratch_need:
-            rnd.scratch = self._scratch_for(buffer if wire is None else wire, plan.scratch_need, plan.arena)
-        reverse = self.group if self.group_reverse is None else self.group_reverse
-        ops = []
-        for index, entry in enumerate(plan.entries):
-            m, span = entry.message, entry.scratch
-            if index in rnd.posted:
-                continue
-            if only == "receives" and (m.op is Op.SEND or span is None):
-                continue
-            if only == "sends" and m.op is not Op.SEND:
-                continue
+            rnd.scratch = self.scratch.get(buffer if wire is None else wire, plan.scratch_need, plan.arena)
+        messages = []
+        for index in self._to_post(rnd, only):
+            entry = plan.entries[index]
             rnd.posted.add(index)
-            if span is not None:
-                target = rnd.scratch[span[0] : span[1]]
-            elif wire is None:
-                target = buffer[entry.lo : entry.hi]
-            else:
-                target = wire[entry.lo : entry.hi]
-                if m.op is Op.SEND:
-                    kept = None if residual is None else residual[entry.lo : entry.hi]
-                    round_for_wire(buffer[entry.lo : entry.hi], target, kept)
-            low, high = (self.rank, m.peer) if m.op is Op.SEND else (m.peer, self.rank)
-            group = self.group if low < high else reverse
-            tag = message_tag(bucket, schedule, plan.round_index, m.lo)
-            nbytes = target.numel() * target.element_size()
-            if m.op is Op.SEND:
-                self.counters.bytes_sent += nbytes
-            else:
-                self.counters.bytes_received += nbytes
-            if self.batched:
-                ops.append(dist.P2POp(dist.isend if m.op is Op.SEND else dist.irecv, target, m.peer, group, tag))
-            elif m.op is Op.SEND:
-                work = dist.isend(target, dst=m.peer, group=group, tag=tag)
-                rnd.pending.append(_Pending(work, entry.description, m.peer))
-            else:
-                work = dist.irecv(target, src=m.peer, group=group, tag=tag)
-                rnd.pending.append(_Pending(work, entry.description, m.peer))
-        if ops:
-            peers = sorted({e.message.peer for e in plan.entries})
-            description = f"round {plan.round_index} with ranks {peers}"
-            rnd.pending += [_Pending(w, description, -1) for w in dist.batch_isend_irecv(ops)]
+            target = self._target(rnd, entry, buffer, wire, residual)
+            tag = message_tag(bucket, schedule, plan.round_index, entry.message.lo)
+            messages.append((entry.message.op is Op.SEND, target, entry.message.peer, tag))
+        works = self.transport.post_batch(messages)
+        if len(works) == len(messages):  # one Work per message (gloo): each names its own peer
+            rnd.pending += [_Pending(w, f"round {plan.round_index}", (m[2],)) for w, m in zip(works, messages)]
+        else:  # coalesced (NCCL): the Work stands for every peer of the batch
+            peers = tuple(sorted({m[2] for m in messages}))
+            rnd.pending += [_Pending(w, f"round {plan.round_index} with ranks {list(peers)}", peers) for w in works]
+
+    @staticmethod
+    def _to_post(rnd: _Round, only: str | None) -> list[int]:
+        """Indices of the round's entries to post now: all not yet posted, or just its scratch receives or
+        its sends (posted early, while the previous round is still in flight)."""
+        chosen = []
+        for index, entry in enumerate(rnd.plan.entries):
+            is_send = entry.message.op is Op.SEND
+            if index in rnd.posted or (only == "receives" and (is_send or entry.scratch is None)):
+                continue
+            if only == "sends" and not is_send:
+                continue
+            chosen.append(index)
+        return chosen
+
+    @staticmethod
+    def _target(rnd: _Round, entry: _PlannedMessage, buffer: torch.Tensor, wire: Any, residual: Any) -> torch.Tensor:
+        """Where an entry's bytes come from or land: scratch, the buffer, or the 16-bit staging buffer (a
+        send rounds its chunks into it first)."""
+        if entry.scratch is not None:
+            return rnd.scratch[entry.scratch[0] : entry.scratch[1]]
+        if wire is None:
+            return buffer[entry.lo : entry.hi]
+        target = wire[entry.lo : entry.hi]
+        if entry.message.op is Op.SEND:
+            kept = None if residual is None else residual[entry.lo : entry.hi]
+            round_for_wire(buffer[entry.lo : entry.hi], target, kept)
+        return target
 
     @staticmethod
     def _apply_round(rnd: _Round, buffer: torch.Tensor) -> None:
@@ -228,23 +232,19 @@ class LockstepRounds:
                 buffer[entry.lo : entry.hi].copy_(received)
 
     def _wait_all(self, pending: list[_Pending], bucket: int, step: int) -> None:
-        deadline = time.monotonic() + self.stall_timeout
+        """Wait for a round under one deadline; a failure names the peers of the Works still unfinished."""
+        deadline = time.monotonic() + self.transport.stall_timeout
         for i, p in enumerate(pending):
-            remaining = max(deadline - time.monotonic(), 0.001)
-            try:
-                ok = p.work.wait(timeout=timedelta(seconds=remaining))
-            except Exception as exc:  # gloo raises on timeout and on a closed connection
-                raise self._silent_peers_error(pending[i:], p, bucket, step, exc) from exc
-            if ok is False:
-                raise self._silent_peers_error(pending[i:], p, bucket, step, None)
 
-    def _silent_peers_error(self, unfinished, first, bucket, step, exc):
-        silent = sorted({p.peer for p in unfinished if p.peer >= 0 and not _done(p.work)} | {first.peer} - {-1})
-        return self._peer_error(silent, first.description, bucket, step, exc)
+            def unfinished(i: int = i, p: _Pending = p) -> list[int]:
+                return sorted({peer for q in pending[i:] if not _done(q.work) for peer in q.peers} | set(p.peers))
+
+            remaining = deadline - time.monotonic()
+            self.transport.wait(p.work, unfinished, p.description, step=step, bucket=bucket, timeout_s=remaining)
 
 
 def _done(work: Any) -> bool:
     try:
         return bool(work.is_completed())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken Work is not done
         return False

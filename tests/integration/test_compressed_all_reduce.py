@@ -40,8 +40,8 @@ def inputs(world_size: int, seed: int) -> list[torch.Tensor]:
     ]
 
 
-def _reduce_compressed(rank, world_size, batched):
-    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=30, batched=batched)
+def _reduce_compressed(rank, world_size, lockstep):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=30, lockstep=lockstep)
     out = {}
     for fmt in WIRE_FORMATS.values():
         for algorithm in algorithm_names():
@@ -57,10 +57,10 @@ def _reduce_compressed(rank, world_size, batched):
     return out  # numpy: tensors would travel as shared memory the exiting rank takes with it
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["dataflow", "lockstep"])
+@pytest.mark.parametrize("lockstep", [False, True], ids=["dataflow", "lockstep"])
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_every_algorithm_within_its_rounding_bound_and_bitwise_identical_on_every_rank(world_size, batched):
-    results = run_ranks(_reduce_compressed, world_size, batched, timeout=150)
+def test_every_algorithm_within_its_rounding_bound_and_bitwise_identical_on_every_rank(world_size, lockstep):
+    results = run_ranks(_reduce_compressed, world_size, lockstep, timeout=150)
     assert all(status == "ok" for status, _ in results.values()), results
     xs = inputs(world_size, seed=7)
     exact = torch.stack([x.double() for x in xs]).sum(0)

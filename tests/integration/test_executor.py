@@ -15,8 +15,8 @@ from lightning_firecaffe.testing.ranks import run_ranks
 pytestmark = pytest.mark.timeout(120)
 
 
-def _compare_with_all_reduce(rank, world_size, chunk_bytes, batched=False):
-    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20, batched=batched)
+def _compare_with_all_reduce(rank, world_size, chunk_bytes, lockstep=False):
+    executor = ScheduleExecutor(rank, world_size, group=dist.group.WORLD, stall_timeout=20, lockstep=lockstep)
     report = {}
     for algorithm in algorithm_names():
         for length in (0, 1, 997, 5000):
@@ -42,13 +42,13 @@ def _compare_with_all_reduce(rank, world_size, chunk_bytes, batched=False):
 
 
 @pytest.mark.parametrize(
-    "world_size, batched",
+    "world_size, lockstep",
     [(2, False), (3, False), (4, False), (5, False), (3, True), (4, True)],
     ids=["2", "3", "4", "5", "3-lockstep", "4-lockstep"],
 )
-def test_every_algorithm_equals_dist_all_reduce(world_size, batched):
+def test_every_algorithm_equals_dist_all_reduce(world_size, lockstep):
     """Dataflow (gloo) and lock-step rounds of batch_isend_irecv (the NCCL path, run here on gloo)."""
-    results = run_ranks(_compare_with_all_reduce, world_size, 1024, batched, timeout=100)
+    results = run_ranks(_compare_with_all_reduce, world_size, 1024, lockstep, timeout=100)
     for rank, (status, value) in results.items():
         assert status == "ok", f"rank {rank}: {status} {value}"
         report, sent, scratch = value
@@ -79,7 +79,7 @@ def test_dead_peer_is_named_within_the_stall_timeout():
     assert status == "ok", value
     message, peers, seconds = value
     assert peers == [1]
-    assert "rank 1" in message and "bucket 2" in message and "step 7" in message
+    assert "rank 1 closed its connection" in message and "bucket 2" in message and "step 7" in message
     assert seconds < 5 + 3
     assert results[1] == ("died", 3)
 

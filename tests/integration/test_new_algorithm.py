@@ -40,7 +40,7 @@ def registered_star():
     )
     yield get_algorithm("star")
     unregister_algorithm("star")
-    StrategyRegistry.remove("firecaffe_star")
+    assert "firecaffe_star" not in StrategyRegistry and "star" not in algorithm_names()
 
 
 @pytest.mark.parametrize("world_size", range(1, 10))

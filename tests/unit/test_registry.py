@@ -44,3 +44,25 @@ def test_auto_weighs_what_each_algorithm_declares():
         assert set(auto_candidates(world_size, ranks_per_node)) == expected
     assert set(auto_candidates(8, 1)) < set(auto_candidates(8, 2)), "some algorithm needs several ranks per node"
     assert set(auto_candidates(8, 2)) < set(algorithm_names()), "some algorithm is never weighed by auto"
+
+
+def test_unregistering_an_algorithm_removes_its_strategy_name_and_a_plugin_sorts_after_the_builtins():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lightning_firecaffe.comm.schedules import (
+        algorithm_names,
+        get_algorithm,
+        register_algorithm,
+        unregister_algorithm,
+        whole_buffer,
+    )
+
+    builtins = algorithm_names()
+    register_algorithm("aaa_plugin", chunking=whole_buffer, summary="a plugin")(get_algorithm("tree").build)
+    try:
+        assert algorithm_names() == (*builtins, "aaa_plugin")  # order 100 > every built-in, whatever its name
+        assert "firecaffe_aaa_plugin" in StrategyRegistry
+    finally:
+        unregister_algorithm("aaa_plugin")
+    assert "firecaffe_aaa_plugin" not in StrategyRegistry and algorithm_names() == builtins
+    assert builtins[:3] == ("tree", "pipelined_tree", "double_tree") and builtins[-1] == "native"

@@ -23,7 +23,7 @@ def test_bad_watchdog_options_raise_naming_the_option(kwargs, option, allowed):
 
 
 def test_defaults_are_the_documented_ones():
-    s = FireCaffeStrategy(stall_timeout=20, stall_allowance={"checkpoint": 1200})
-    assert s.watchdog_enabled and s.stall_action == "fail" and s.stall_grace == 10.0
-    assert s.stall_allowance == {"setup": 300.0, "warmup": 300.0, "checkpoint": 1200, "normal": 0.0}
-    assert FireCaffeStrategy(watchdog=False, stall_action="warn", stall_grace=0).stall_grace == 0.0
+    o = FireCaffeStrategy(stall_timeout=20, stall_allowance={"checkpoint": 1200}).options
+    assert o.watchdog and o.stall_action == "fail" and o.grace_s == 10.0
+    assert o.allowances == {"setup": 300.0, "warmup": 300.0, "checkpoint": 1200, "normal": 0.0}
+    assert FireCaffeStrategy(watchdog=False, stall_action="warn", stall_grace=0).options.grace_s == 0.0

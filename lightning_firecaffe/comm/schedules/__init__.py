@@ -7,7 +7,18 @@ Importing this package registers the built-in algorithms (``trees``, ``baselines
 from __future__ import annotations
 
 from . import baselines, trees  # noqa: F401  (registers them; each declares its ``order``)
-from .core import Message, Op, Schedule, ScheduleError, Transfer, build, chunk_offsets, describe, validate
+from .core import (
+    Message,
+    Op,
+    Schedule,
+    ScheduleError,
+    Transfer,
+    build,
+    chunk_offsets,
+    describe,
+    message_tag,
+    validate,
+)
 from .registry import (
     Algorithm,
     algorithm_names,
@@ -48,6 +59,7 @@ __all__ = [
     "describe",
     "get_algorithm",
     "markdown_table",
+    "message_tag",
     "on_register",
     "paired_pieces",
     "pieces",

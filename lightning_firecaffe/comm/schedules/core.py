@@ -81,6 +81,15 @@ class Schedule:
         return {"round": a[:, 0], "src": a[:, 1], "dst": a[:, 2], "lo": a[:, 3], "hi": a[:, 4]}
 
 
+TAG_SPACE = 1 << 30  # message tags stay below this; the transport's own tags lie above
+
+
+def message_tag(bucket: int, schedule: Schedule, round_index: int, first_chunk: int) -> int:
+    """The tag of one message: unique per (bucket, round, first chunk) between a pair of ranks."""
+    tag = ((bucket % 1024) * (schedule.num_rounds + 1) + round_index) * (schedule.num_chunks + 1) + first_chunk
+    return tag % TAG_SPACE
+
+
 def chunk_offsets(numel: int, num_chunks: int) -> list[int]:
     """Element offsets of ``num_chunks`` contiguous, nearly equal chunks (some empty if numel is small)."""
     return [(i * numel) // num_chunks for i in range(num_chunks + 1)]

@@ -93,7 +93,7 @@ def _build_cached(algorithm: Algorithm, world_size: int, num_chunks: int, arity:
 
 
 _REGISTRY: dict[str, Algorithm] = {}
-_LISTENERS: list[Callable[[Algorithm], None]] = []
+_LISTENERS: list[tuple[Callable[[Algorithm], None], Callable[[Algorithm], None] | None]] = []
 
 
 def register_algorithm(
@@ -130,8 +130,8 @@ def register_algorithm(
         )
         _REGISTRY[name] = algorithm
         _sort_registry()
-        for listener in list(_LISTENERS):
-            listener(algorithm)
+        for added, _ in list(_LISTENERS):
+            added(algorithm)
         return build
 
     return decorator
@@ -144,13 +144,23 @@ def _sort_registry() -> None:
 
 
 def unregister_algorithm(name: str) -> None:
-    """Remove an algorithm (for tests and plugins that register temporary ones)."""
-    _REGISTRY.pop(name, None)
+    """Remove an algorithm (for tests and plugins that register temporary ones), and undo what its
+    registration did through listeners (e.g. its ``firecaffe_<name>`` strategy names)."""
+    algorithm = _REGISTRY.pop(name, None)
+    if algorithm is None:
+        return
+    _build_cached.cache_clear()
+    for _, removed in list(_LISTENERS):
+        if removed is not None:
+            removed(algorithm)
 
 
-def on_register(listener: Callable[[Algorithm], None]) -> None:
-    """Call ``listener`` for every registered algorithm now and for each one registered later."""
-    _LISTENERS.append(listener)
+def on_register(
+    listener: Callable[[Algorithm], None], on_unregister: Callable[[Algorithm], None] | None = None
+) -> None:
+    """Call ``listener`` for every registered algorithm now and for each one registered later, and
+    ``on_unregister`` for each one removed."""
+    _LISTENERS.append((listener, on_unregister))
     for algorithm in list(_REGISTRY.values()):
         listener(algorithm)
 

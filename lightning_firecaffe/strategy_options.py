@@ -1,0 +1,117 @@
+"""FireCaffe's options as data: one frozen object that checks itself, shared by every front door.
+
+Like torch's ``PowerSGDState`` keeps PowerSGD's knobs, :class:`FireCaffeOptions` keeps the strategy's, so
+the strategy's constructor reads like ``DDPStrategy``'s and any other entry point (the Hydra app, a
+Fabric strategy) gets the same meaning and the same checks. A bad value raises :class:`InvalidOption`
+naming the option and what it allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .comm.compression import WireFormat, wire_format
+from .comm.cost_model import LinkModel
+from .comm.schedules import algorithm_names, get_algorithm
+from .options import InvalidOption, is_int, require, require_choice
+from .watchdog import ACTIONS
+from .watchdog.verdict import bad_allowances, merge_allowances
+
+OWNER = "FireCaffeStrategy"
+
+
+def _seconds(value: Any, minimum_exclusive: bool = True) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number and (value > 0 if minimum_exclusive else value >= 0)
+
+
+@dataclass(frozen=True)
+class FireCaffeOptions:
+    """Every FireCaffe option of the strategy (see ``FireCaffeStrategy`` for their meaning)."""
+
+    algorithm: str = "auto"
+    arity: int = 2
+    chunk_bytes: int = 1 << 20
+    stall_timeout: float = 60.0
+    link: LinkModel | str | None = None
+    auto_repetitions: int = 2
+    compression: str | None = None
+    compression_error_feedback: bool = False
+    watchdog: bool = True
+    stall_action: str = "fail"
+    stall_grace: float | None = None
+    stall_allowance: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        self._check_algorithm()
+        self._check_compression()
+        self._check_watchdog()
+
+    def _check_algorithm(self) -> None:
+        require_choice(OWNER, "algorithm", self.algorithm, ("auto", *algorithm_names()))
+        require(
+            is_int(self.arity) and self.arity >= 2,
+            OWNER,
+            "arity",
+            self.arity,
+            "must be an integer >= 2 (2 = binary tree)",
+        )
+        positive = is_int(self.chunk_bytes) and self.chunk_bytes > 0
+        require(positive, OWNER, "chunk_bytes", self.chunk_bytes, "must be a positive integer number of bytes")
+        link_ok = self.link is None or self.link == "measure" or isinstance(self.link, LinkModel)
+        require(link_ok, OWNER, "link", self.link, "must be a LinkModel, 'measure' or None")
+        repetitions_ok = is_int(self.auto_repetitions) and self.auto_repetitions >= 1
+        require(repetitions_ok, OWNER, "auto_repetitions", self.auto_repetitions, "must be an integer >= 1")
+
+    def _check_compression(self) -> None:
+        try:
+            wire_format(self.compression)
+        except ValueError as exc:
+            raise InvalidOption(OWNER, "compression", self.compression, str(exc)) from None
+        feedback = self.compression_error_feedback
+        require(isinstance(feedback, bool), OWNER, "compression_error_feedback", feedback, "must be True or False")
+        require(
+            not (feedback and self.compression is None),
+            OWNER,
+            "compression_error_feedback",
+            feedback,
+            "needs compression set to one of 'bf16', 'fp16'",
+        )
+        collective = self.algorithm != "auto" and get_algorithm(self.algorithm).collective
+        require(
+            not (feedback and collective),
+            OWNER,
+            "compression_error_feedback",
+            feedback,
+            f"cannot be exact with algorithm={self.algorithm!r}: the backend's all-reduce adds in 16 bits, out of "
+            "the feedback's reach (pick a scheduled algorithm, or auto, which then skips it)",
+        )
+
+    def _check_watchdog(self) -> None:
+        timeout = self.stall_timeout
+        require(_seconds(timeout), OWNER, "stall_timeout", timeout, "must be a positive, finite number of seconds")
+        require(isinstance(self.watchdog, bool), OWNER, "watchdog", self.watchdog, "must be True or False")
+        require_choice(OWNER, "stall_action", self.stall_action, ACTIONS)
+        grace_ok = self.stall_grace is None or _seconds(self.stall_grace, minimum_exclusive=False)
+        require(grace_ok, OWNER, "stall_grace", self.stall_grace, "must be None or a finite number of seconds >= 0")
+        problem = bad_allowances(self.stall_allowance)
+        require(problem is None, OWNER, "stall_allowance", self.stall_allowance, problem or "")
+
+    @property
+    def wire_format(self) -> WireFormat | None:
+        return wire_format(self.compression)
+
+    @property
+    def tunes(self) -> bool:
+        """``auto`` measures the candidates on the real buckets (no link model given)."""
+        return self.algorithm == "auto" and self.link is None
+
+    @property
+    def grace_s(self) -> float:
+        return float(self.stall_timeout) / 2 if self.stall_grace is None else float(self.stall_grace)
+
+    @property
+    def allowances(self) -> dict[str, float]:
+        return merge_allowances(self.stall_allowance)
