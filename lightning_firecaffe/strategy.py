@@ -359,14 +359,18 @@ class FireCaffeStrategy(DDPStrategy):
 
     def _explain(self, error: BaseException, doing: str) -> BaseException:
         """The error a user reads: a backend collective's failure names no peer, so the survivors take a
-        census (dead peers closed their connections, stopped ones stay silent); then what the watchdog knows."""
+        census (dead peers closed their connections, stopped ones stay silent). For a silent peer the
+        watchdog adds what it knows; a peer that closed its connection is dead, and that is the whole story."""
         if isinstance(error, PeerStallError) and not error.peers and self._hook_state is not None:
             census = self._hook_state.transport.census(min(CENSUS_TIMEOUT_S, self.stall_timeout))
+            cause = error.__cause__ or error
+            step = self._current_step()
             named = name_the_missing(
-                census, self.global_rank, doing, step=self._current_step(), timeout_s=self.stall_timeout, cause=error
+                census, self.global_rank, doing, step=step, timeout_s=self.stall_timeout, cause=cause
             )
-            error = named or error
-        if self.watchdog is not None:
+            if named is not None:
+                named.__cause__, error = cause, named
+        if self.watchdog is not None and not getattr(error, "closed", False):
             error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
         return error
 

@@ -76,6 +76,7 @@ def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None =
                 selector = ScheduleSelector(choice, world_size, spec.arity, spec.chunk_bytes, default_link)
             elif algorithm != TORCH:
                 selector = ScheduleSelector(algorithm, world_size, spec.arity, spec.chunk_bytes, default_link)
+            chosen = selector.decide(wire_bytes).algorithm if selector else "native"
             times = []
             for rep in range(spec.warmup + spec.reps):
                 buf.copy_(original)
@@ -84,14 +85,15 @@ def measure(rank: int, world_size: int, spec: CommSpec, link: LinkModel | None =
                 if selector is None:
                     dist.all_reduce(buf)
                 else:
-                    executor.all_reduce_(buf, selector.schedule_for(wire_bytes), bucket=rep, step=rep, wire=wire)
+                    executor.all_reduce_(
+                        buf, selector.schedule_for(wire_bytes, chosen), bucket=rep, step=rep, wire=wire
+                    )
                 elapsed = time.perf_counter() - t0
                 if rep >= spec.warmup:
                     times.append(elapsed)
             _check_sum(buf, original, world_size, fmt if selector is not None else None, f"{algorithm} on rank {rank}")
             slowest = torch.tensor(times, dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            chosen = selector.algorithm_for(wire_bytes) if selector else "native"
             records.append(_record(algorithm, chosen, world_size, numel * 4, slowest.tolist(), link, spec, executor))
     return {"world_size": world_size, "link": asdict(link), "compression": spec.compression, "results": records}
 

@@ -214,7 +214,7 @@ def test_checkpoint_resume_with_error_feedback_is_bitwise_equal_to_a_straight_ru
     options = ["--algorithm", "tree", "--compression", "bf16", "--error-feedback", "--max-steps", "20"]
     train(tmp_path / "straight", *options, "--save-every", "16")
     ckpt = next((tmp_path / "straight" / "ckpt").glob("*step=16*.ckpt"))
-    saved = torch.load(ckpt, weights_only=False)["callbacks"]["CommTelemetry"]["compression"]["error_feedback"]
+    saved = torch.load(ckpt, weights_only=False)["firecaffe"]["compression"]["error_feedback"]
     assert saved["world_size"] == 2 and all(r.abs().sum() > 0 for r in saved["residuals"]), "every rank's residual"
     assert not torch.equal(saved["residuals"][0], saved["residuals"][1])
     train(tmp_path / "resumed", *options, "--resume", str(ckpt))

@@ -66,6 +66,9 @@ class UserModel(LightningModule):
         return self.global_rank == args.fault_rank
 
     def training_step(self, batch, batch_idx):
+        if self.global_step == args.at and hasattr(self.trainer.strategy, "auto_choices"):
+            choices = {str(k): v for k, v in self.trainer.strategy.auto_choices().items()}
+            mark(f"choices-at-fault-rank{self.global_rank}.json", json.dumps(choices))
         if self.faulty() and self.global_step == args.at:
             if args.fault == "sigstop":
                 mark("fault_at")
@@ -144,6 +147,7 @@ def main() -> int:
     p.add_argument("--stall-timeout", type=float, default=10.0)
     p.add_argument("--stall-grace", type=float, default=None)
     p.add_argument("--algorithm", default="auto")
+    p.add_argument("--auto-repetitions", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--base-s", type=float, default=0.1, help="'slow': seconds per step of the fast ranks")
     p.add_argument("--devices", type=int, default=2)
@@ -160,6 +164,7 @@ def main() -> int:
         algorithm=args.algorithm,
         stall_timeout=args.stall_timeout,
         stall_grace=args.stall_grace,
+        auto_repetitions=args.auto_repetitions,
         checkpoint_io=SlowDisk() if args.fault == "slow" else None,
     )
     callbacks = []
