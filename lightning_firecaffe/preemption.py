@@ -39,7 +39,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from .compat import hpc_save_path
+from .errors import PeerStallError
 from .options import require_choice
+from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class RequeueOnSignal(Callback):
         self._rank = 0
         self._rng_states: list | None = None  # every rank's generators, gathered just before the checkpoint
         self._group: Any = None  # the flag's own group, with the strategy's stall deadline
+        self._deadline = 60.0
 
     def _on_signal(self, signum: int, frame: Any) -> None:  # only a flag: the main thread may be anywhere
         self.received = True
@@ -78,7 +81,7 @@ class RequeueOnSignal(Callback):
         self._active = True
         self._rank = trainer.global_rank
         if dist.is_available() and dist.is_initialized():  # every rank gets here: group creation matches
-            deadline = float(getattr(trainer.strategy, "stall_timeout", 60.0))
+            deadline = self._deadline = float(getattr(trainer.strategy, "stall_timeout", 60.0))
             self._group = dist.new_group(backend=dist.get_backend(), timeout=timedelta(seconds=deadline))
         log.info(
             "[rank %d] preemption: on %s the job checkpoints at the next %s end and requeues (job %s)",
@@ -127,7 +130,13 @@ class RequeueOnSignal(Callback):
         flag = torch.tensor([float(self.received)], device=trainer.strategy.root_device)
         if self._group is None:
             return bool(flag.item() > 0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)  # a dead peer: an error within the deadline
+        transport = Transport(trainer.global_rank, trainer.world_size, self._group, stall_timeout=self._deadline)
+        work = transport.all_reduce(flag, op=dist.ReduceOp.MAX)
+        try:
+            transport.wait(work, [], "agreeing on a requeue signal", step=trainer.global_step, what="preemption check")
+        except PeerStallError as error:  # the strategy names the peer that went away, where it can
+            explain = getattr(trainer.strategy, "explain_failure", None)
+            raise (explain(error, "agreeing on a requeue signal") if explain else error) from error.__cause__
         return bool(flag.item() > 0)
 
     def _maybe_requeue(self, trainer: Trainer) -> None:

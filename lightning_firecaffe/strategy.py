@@ -204,7 +204,7 @@ class FireCaffeStrategy(DDPStrategy):
         ranks_per_node = max(1, self.num_processes)
         if self.options.link != "measure":
             return dataclasses.replace(self.options.link or LinkModel(), ranks_per_node=ranks_per_node)
-        link = measure_link(rank, world_size, ranks_per_node, group=group, device=self.root_device)
+        link = measure_link(rank, world_size, ranks_per_node, group, self.root_device, self.stall_timeout)
         self.measured_link = link
         if rank_zero_only.rank == 0:
             gbit, latency_us = link.bandwidth_Bps * 8 / 1e9, link.latency_s * 1e6
@@ -338,7 +338,7 @@ class FireCaffeStrategy(DDPStrategy):
         except RuntimeError as exc:
             if isinstance(exc, PeerStallError) or not closed_connection(exc):
                 raise
-            raise self._explain(PeerStallError(str(exc), closed=True), "in DDP's forward") from exc
+            raise self.explain_failure(PeerStallError(str(exc), closed=True), "in DDP's forward") from exc
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -352,12 +352,12 @@ class FireCaffeStrategy(DDPStrategy):
             error = unwrap_hook_error(exc, self._hook_state.failure if self._hook_state is not None else None)
             if error is None:
                 raise
-            raise self._explain(error, "reducing gradients") from error.__cause__
+            raise self.explain_failure(error, "reducing gradients") from error.__cause__
         if synced and self._hook_state is not None and not self._hook_state.selector.rebuilt:
             self._hook_state.selector.buckets_rebuilt()
         return loss
 
-    def _explain(self, error: BaseException, doing: str) -> BaseException:
+    def explain_failure(self, error: BaseException, doing: str) -> BaseException:
         """The error a user reads: a backend collective's failure names no peer, so the survivors take a
         census (dead peers closed their connections, stopped ones stay silent). For a silent peer the
         watchdog adds what it knows; a peer that closed its connection is dead, and that is the whole story."""
