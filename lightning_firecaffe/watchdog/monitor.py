@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from ..processes import stop_descendants
 from .progress import PROGRESS, Progress
 from .stacks import Whereabouts, classify, stack_of
 from .verdict import Beat, Observer, Policy, Stall, judge
@@ -56,7 +56,7 @@ class Watchdog:
         self.stall: Stall | None = None
         self.stalled_since: float | None = None
         self._heartbeat = 0
-        self._kill = kill or kill_children
+        self._kill = kill or stop_descendants
         self.failed = False
         self.cpu_s = 0.0  # CPU time the thread has used (its cost, see benchmarks/watchdog_overhead.py)
         self._stop = threading.Event()
@@ -209,63 +209,8 @@ class Watchdog:
         return out
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    kids += [int(p) for p in f.read().split()]
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], child_pids(pid)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += child_pids(p)
-    return out
-
-
-def kill_children(spare: list[int], wait_s: float) -> None:
-    """SIGKILL every descendant of this process; the ``spare`` ones (ranks this process launched, which
-    reach their own verdict) get ``wait_s`` to exit by themselves first."""
-    spared = set(spare)
-    theirs = {p for pid in spared for p in descendants(pid)}
-    for pid in descendants(os.getpid()):
-        if pid not in spared and pid not in theirs:
-            _kill(pid)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(_alive(p) for p in spared):
-        time.sleep(0.2)
-    for pid in spared:
-        for p in [pid, *descendants(pid)]:
-            _kill(p)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+#: The old name, until strategy.py calls :func:`lightning_firecaffe.processes.stop_descendants` itself.
+kill_children = stop_descendants
 
 
 def start_watchdog(

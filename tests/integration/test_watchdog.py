@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_firecaffe.processes import alive
+
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_job.py"
 T = 10.0  # stall_timeout of these tests
 
@@ -39,14 +41,6 @@ def run_job(out: Path, *args: str, timeout: float = 150) -> tuple[int, str]:
         output, _ = proc.communicate()
         pytest.fail(f"the job hung ({timeout} s):\n{output[-5000:]}")
     return proc.returncode, output
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def assert_stopped_in_time_and_nothing_left(out: Path, rc: int, output: str) -> None:
