@@ -34,6 +34,7 @@ def options(group: str) -> list[str]:
 
 def compose_cfg(tmp_path: Path, *overrides: str):
     """The composed config with the Hydra node (``${hydra:...}`` resolves), outputs under ``tmp_path``."""
+    app_checks.register_resolvers()  # as firecaffe-train's main() does
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
