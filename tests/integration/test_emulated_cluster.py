@@ -26,9 +26,10 @@ from lightning_firecaffe.testing.cluster import (
     workloads,
 )
 from lightning_firecaffe.testing.iproute import ip, tc
+from lightning_firecaffe.testing.required import needs
 
 CAN_EMULATE, REASON = can_emulate()
-needs_cluster = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
+needs_cluster = needs(CAN_EMULATE, REASON)
 ROOT = Path(__file__).resolve().parents[2]
 
 

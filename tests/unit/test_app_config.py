@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 
 from lightning_firecaffe import algorithm_names, app_checks
 from lightning_firecaffe.callbacks import LargeBatchScaling
+from lightning_firecaffe.testing.required import import_or_missing
 from lightning_firecaffe.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +194,7 @@ def test_paper_nin_keeps_its_recipe(tmp_path):
 
 
 def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    import_or_missing("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher is not installed")
     cfg = compose_cfg(tmp_path, "hydra/launcher=submitit_slurm", "trainer.devices=4", "trainer.num_nodes=3")
     assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.nodes == 3
     launcher = instantiate(cfg.hydra.launcher)
