@@ -8,6 +8,7 @@ signals itself. Nothing here reaps: a child's exit status stays for its ``Popen`
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -25,6 +26,47 @@ def alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:  # exists, owned by someone else
+        return True
+
+
+@functools.cache
+def _machine() -> str:
+    """This boot of this machine and this pid namespace: where a pid means the same process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
+
+
+def identity(pid: int | None = None) -> str | None:
+    """A token naming one process (default: this one) for :func:`running`, or None where it cannot.
+
+    Machine, pid namespace, pid and start time: another machine, container or a reused pid never match."""
+    machine = _machine()
+    try:
+        started = psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
+    return f"{machine}/{pid or os.getpid()}/{started!r}" if machine else None
+
+
+def running(token: str | None) -> bool | None:
+    """Whether the process named by :func:`identity`'s ``token`` still runs: True or False where this process
+    can see it (same machine and pid namespace), None where it cannot tell (another machine, no token)."""
+    if not token:
+        return None
+    machine, pid, started = token.rsplit("/", 2)
+    if machine != _machine():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        return repr(proc.create_time()) == started and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
         return True
 
 

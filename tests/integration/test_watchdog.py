@@ -104,6 +104,16 @@ def test_peer_that_dies_reaches_the_user_as_peer_stall_error_naming_it(tmp_path)
     assert "rank 0" in error["message"] and "Unable to cast" not in error["message"], error
 
 
+@pytest.mark.timeout(200)
+def test_a_killed_peer_is_named_as_exited_never_as_alive(tmp_path):
+    rc, output = run_job(tmp_path, "--fault", "dies", "--fault-rank", "1", "--algorithm", "tree")
+    assert_stopped_in_time_and_nothing_left(tmp_path, rc, output)
+    error = caught(tmp_path, 0)
+    assert "PeerStallError" in error["mro"] and "rank 1" in error["message"], error
+    assert "Watchdog: rank 1 has exited (its process is gone)" in error["message"], error
+    assert "is alive" not in output, output[-4000:]
+
+
 @pytest.mark.timeout(240)
 def test_slow_rank_and_slow_checkpoint_are_not_killed_and_the_straggler_is_reported(tmp_path):
     rc, output = run_job(tmp_path, "--fault", "slow", "--max-steps", "8", timeout=220)

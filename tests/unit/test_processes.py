@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from lightning_firecaffe import processes
-from lightning_firecaffe.processes import alive, descendants, stop
+from lightning_firecaffe.processes import alive, descendants, identity, running, stop
 
 # A parent that starts a child that starts a grandchild (all sleeping), prints the three pids and sleeps.
 # IGNORE_TERM=1: every process of the tree ignores SIGTERM (a rank blocked in C++ code does, in effect).
@@ -129,3 +129,16 @@ def test_stop_descendants_spares_launched_ranks_for_the_grace_only():
     assert result["alive"] == [False, False, False]
     assert result["codes"] == [-9, 0, -9]  # the rank that exited by itself was not signalled
     assert 1.5 <= result["seconds"] < 10
+
+
+def test_identity_tells_a_process_that_exited_from_one_on_another_machine():
+    child = subprocess.Popen(["sleep", "30"])
+    token = identity(child.pid)
+    assert running(identity()) is True and running(token) is True
+    machine, pid, started = token.rsplit("/", 2)
+    assert running(f"{machine}/{pid}/{float(started) - 5.0!r}") is False  # that pid now is another process
+    assert running(f"another-boot/pid:[1]/{pid}/{started}") is None  # not ours to see
+    assert running(None) is None
+    child.kill()
+    child.wait()
+    assert running(token) is False
