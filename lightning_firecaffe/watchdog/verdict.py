@@ -21,7 +21,7 @@ when no live rank has moved for its allowance. A rank that cannot reach the rend
 rank 0) for ``stall_timeout`` while its own training does not move blames rank 0's host.
 
 A beat is as old as its rank's last publish: the observer calls a rank alive only once it has seen its
-heartbeat advance, and a rank it has heard once is described by what it said and when, never as alive.
+heartbeat advance; a rank it has heard once is described by what it said (its age unknown), never as alive.
 """
 
 from __future__ import annotations
