@@ -8,7 +8,8 @@ which no constructor can see: the global batch against the processes and accumul
 the run length, the model's classes against the data's, and paths. Every problem is collected and reported
 at once in a :class:`ConfigError`.
 
-Resolvers (registered on import):
+Resolvers (registered by :func:`register_resolvers`, which ``firecaffe-train`` calls; importing this module
+changes nothing global):
 
 * ``${per_device_batch:global,devices,num_nodes,accumulate}``: the per-device batch of a global batch;
 * ``${run_id:}``: ``slurm-<job>-<step>`` inside a SLURM job step (every task of an ``srun`` writes to the
@@ -59,13 +60,17 @@ def _run_id() -> str:
     return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+RESOLVERS = {"per_device_batch": _per_device_batch, "run_id": _run_id}
+
+
 def register_resolvers() -> None:
-    for name, fn in (("per_device_batch", _per_device_batch), ("run_id", _run_id)):
+    """Make the app's resolvers known to OmegaConf (idempotent: a name already registered is left as it is).
+
+    Called by the app, not on import: a library import must not change OmegaConf's process-wide registry
+    (another project's resolver of the same name would be shadowed, or refuse ours)."""
+    for name, fn in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=name == "run_id")
-
-
-register_resolvers()
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -9,7 +9,9 @@ interfaces that exist, so a typo fails at once with their names instead of deep 
 
 The choice itself (:func:`choose_interface`, :func:`check_interface_names`) is pure; :func:`configure_gloo_interface`
 does the I/O (listing interfaces, resolving ``MASTER_ADDR``, asking the kernel for its route) and sets the
-variable for this process before the process group is created.
+variable for this process before the process group is created. What it sets is scoped: the returned
+:class:`GlooInterface` puts the environment back as it was (the strategy calls it at teardown), so neither the
+user's process nor a second Trainer in it inherits the choice.
 """
 
 from __future__ import annotations
@@ -92,6 +94,27 @@ def choose_interface(
     )
 
 
+@dataclass
+class GlooInterface:
+    """The interface gloo uses, and the undo of setting it (call :meth:`restore`, or use it as a context)."""
+
+    name: str
+    chosen: bool  # True: FireCaffe set the variable; False: the user's own value, checked and left alone
+    environ: MutableMapping[str, str]
+
+    def restore(self) -> None:
+        """Unset the variable if FireCaffe set it and it still holds that choice; idempotent."""
+        if self.chosen and self.environ.get(ENV_VAR) == self.name:
+            del self.environ[ENV_VAR]
+        self.chosen = False
+
+    def __enter__(self) -> GlooInterface:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
 # ------------------------------------------------------------------------------------------------ I/O
 _SIOCGIFADDR, _SIOCGIFNETMASK = 0x8915, 0x891B
 
@@ -137,18 +160,19 @@ def resolve_ipv4(host: str) -> str:
 
 def configure_gloo_interface(
     master_addr: str, environ: MutableMapping[str, str] = os.environ, announce: bool = True
-) -> str:
-    """Check or set ``GLOO_SOCKET_IFNAME`` for this process; returns its value.
+) -> GlooInterface:
+    """Check or set ``GLOO_SOCKET_IFNAME`` for this process; returns the choice and its undo.
 
-    Set: every name must exist here (:class:`NetworkInterfaceError` otherwise). Unset: the interface that
-    routes to ``master_addr`` is chosen, set, and logged when ``announce`` (once per node is enough).
+    Set: every name must exist here (:class:`NetworkInterfaceError` otherwise) and the value stays as it is.
+    Unset: the interface that routes to ``master_addr`` is chosen, set, and logged when ``announce`` (once
+    per node is enough); :meth:`GlooInterface.restore` unsets it again.
     """
     node = socket.gethostname()
     interfaces = list_interfaces()
     explicit = environ.get(ENV_VAR)
     if explicit is not None:
         check_interface_names(explicit, interfaces, node)
-        return explicit
+        return GlooInterface(explicit, chosen=False, environ=environ)
     master_ip = resolve_ipv4(master_addr)
     chosen = choose_interface(interfaces, master_ip, route_source(master_ip), node)
     environ[ENV_VAR] = chosen.name
@@ -163,7 +187,7 @@ def configure_gloo_interface(
             describe(interfaces),
             ENV_VAR,
         )
-    return chosen.name
+    return GlooInterface(chosen.name, chosen=True, environ=environ)
 
 
 def needs_gloo_interface(backend: str, world_size: int, environ: Mapping[str, str] = os.environ) -> bool:

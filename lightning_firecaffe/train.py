@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, read_write
 
-from . import app_checks  # importing it registers the ${per_device_batch:...} and ${run_id:} resolvers
+from . import app_checks
 
 CONFIG_PATH = "conf"  # relative to this file: lightning_firecaffe/conf -> ../conf
 CONFIG_NAME = "config"
@@ -179,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning_firecaffe  # noqa: F401  (registers strategy names for trainer.strategy strings)
 
+    app_checks.register_resolvers()  # again: a submitit job runs this function without main()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model's weights are drawn
     built = app_checks.build(cfg)  # every group, each checked by its constructor, before anything is launched
     model, datamodule = built.model, built.data  # the demo data writes its shards on first use, once
@@ -286,6 +287,7 @@ def main() -> None:
     # conf/hydra/launcher/submitit_slurm.yaml lists every key of the plugin's schema of the same name (to wire
     # tasks_per_node/nodes); Hydra 1.3 still matches the two and warns that it will stop doing so: harmless.
     warnings.filterwarnings("ignore", message=".*validated against ConfigStore schema with the same name")
+    app_checks.register_resolvers()  # ${per_device_batch:...}, ${run_id:}: before Hydra resolves the run dir
     _hydra_main()
 
 

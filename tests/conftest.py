@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+# skips for a missing cluster environment (root, namespaces, tc, SLURM, munge) fail when FIRECAFFE_REQUIRE_CLUSTER=1
+pytest_plugins = ["lightning_firecaffe.testing.required"]
+
 
 @pytest.fixture(scope="module")
 def one_thread():

@@ -42,6 +42,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+from ..processes import alive, descendants, stop
 from .ranks import free_port
 
 DEFAULT_STATE_DIR = Path(os.environ.get("FIRECAFFE_SLURM_DIR", "/tmp/firecaffe-slurm"))
@@ -99,19 +102,6 @@ def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
-    except OSError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
 
@@ -405,7 +395,7 @@ StorageLoc=slurm_acct_db
 
         def dead() -> bool:
             proc = self._procs.get(name)
-            if (proc.poll() is not None) if proc is not None else not _alive(pid):
+            if (proc.poll() is not None) if proc is not None else not alive(pid):
                 raise SlurmStartError(f"local SLURM: {name} exited during start-up\n--- {log} ---\n{_tail(log)}")
             return False
 
@@ -544,10 +534,6 @@ StorageLoc=slurm_acct_db
         env.pop(MARKER_VAR, None)
         self._spawn("reaper", argv, env=env)
 
-    @property
-    def _marker(self) -> str:
-        return f"{MARKER_VAR}={self.state_dir}"
-
     def _cluster_processes(self, jobs_only: bool = False) -> list[int]:
         """Pids of this cluster's daemons and everything below them (slurmstepd, job tasks); ``jobs_only``:
         slurmstepd and below.
@@ -555,27 +541,16 @@ StorageLoc=slurm_acct_db
         The daemons, and slurmstepd which inherits slurmd's environment, carry ``FIRECAFFE_SLURM_STATE=<state dir>``
         (clients never do); job tasks are found as their descendants.
         """
-        marker = self._marker.encode()
-        children: dict[int, list[int]] = {}
         roots = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
+        for proc in psutil.process_iter():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(pid)
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    if not jobs_only or (entry / "comm").read_text().strip() == "slurmstepd":
-                        roots.append(pid)
-            except (OSError, IndexError, ValueError):
+                if proc.environ().get(MARKER_VAR) == str(self.state_dir):
+                    if not jobs_only or proc.name() == "slurmstepd":
+                        roots.append(proc.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        found, todo = set(), list(roots)
-        while todo:
-            pid = todo.pop()
-            if pid not in found and pid != os.getpid():
-                found.add(pid)
-                todo.extend(children.get(pid, []))
+        found = {p for root in roots for p in (root, *descendants(root))}
+        found.discard(os.getpid())
         return sorted(found)
 
     def down(self, timeout: float = 30.0) -> None:
@@ -585,7 +560,7 @@ StorageLoc=slurm_acct_db
         deadline = time.monotonic() + timeout
         pids = self._load_pids()
         reaper = pids.pop("reaper", None)
-        if pids.get("slurmctld") and _alive(pids["slurmctld"]):
+        if pids.get("slurmctld") and alive(pids["slurmctld"]):
             try:
                 self.run("scancel", "--full", "--quiet", "--user=root", timeout=5, check=False)
             except (OSError, subprocess.TimeoutExpired):
@@ -601,23 +576,15 @@ StorageLoc=slurm_acct_db
         self._stop(daemons, min(3.0, timeout / 3), deadline)
         leftovers = [p for p in self._cluster_processes() if p != reaper]
         self._stop(leftovers, 0.0, deadline)
-        if reaper and reaper != os.getpid() and _alive(reaper):
+        if reaper and reaper != os.getpid() and alive(reaper):
             self._signal(reaper, signal.SIGTERM)
         self._reap_children()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _stop(self, pids: list[int], grace: float, deadline: float) -> None:
         """SIGTERM, wait up to ``grace`` seconds, SIGKILL the rest, wait (bounded by ``deadline``)."""
-        for pid in pids:
-            self._signal(pid, signal.SIGTERM)
-        for sig, until in ((signal.SIGKILL, time.monotonic() + grace), (None, deadline)):
-            while time.monotonic() < until and any(_alive(p) for p in pids):
-                self._reap_children()
-                time.sleep(0.1)
-            if sig is not None:
-                for pid in pids:
-                    if _alive(pid):
-                        self._signal(pid, sig)
+        stop(pids, grace, kill_wait_s=max(0.0, deadline - time.monotonic()))
+        self._reap_children()
 
     def _reap_children(self) -> None:
         for proc in self._procs.values():
@@ -676,7 +643,7 @@ StorageLoc=slurm_acct_db
         info = {
             "state_dir": str(self.state_dir),
             "slurm_conf": str(self.slurm_conf) if self.state_dir else None,
-            "daemons": {n: {"pid": p, "alive": _alive(p)} for n, p in pids.items()},
+            "daemons": {n: {"pid": p, "alive": alive(p)} for n, p in pids.items()},
         }
         if pids:
             try:
@@ -693,7 +660,7 @@ def _reap(state_dir: str, owner_pid: int, ttl: float) -> None:
     end = time.monotonic() + ttl if ttl > 0 else float("inf")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while Path(state_dir).exists() and time.monotonic() < end:
-        if owner_pid and not _alive(owner_pid):
+        if owner_pid and not alive(owner_pid):
             break
         time.sleep(1.0)
     if Path(state_dir, "pids.json").exists():

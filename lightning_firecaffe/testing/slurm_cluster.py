@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cluster import EmulatedCluster, can_emulate
+from .iproute import ip
 from .slurm import LocalSlurm, SlurmNode, SlurmUnavailable, _which, check_prerequisites
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def free_subnet(used_networks: Sequence[str], rng: random.Random) -> str:
 
 
 def _root_routes() -> list[str]:
-    out = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    out = ip("-4", "route", "show", "table", "all", check=False).stdout
     nets = []
     for line in out.splitlines():
         tok = line.split()
@@ -80,12 +81,6 @@ def _root_routes() -> list[str]:
         if tok and tok[0] != "default":
             nets.append(tok[0] if "/" in tok[0] else f"{tok[0]}/32")
     return nets
-
-
-def _ip(*args: str) -> None:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if r.returncode != 0:
-        raise RuntimeError(f"`ip {' '.join(args)}` failed ({r.returncode}): {r.stderr.strip()}")
 
 
 def _reachable(addr: str, port: int) -> bool:
@@ -223,22 +218,22 @@ class EmulatedSlurm(LocalSlurm):
         )
         self.cluster.up()
         # slurmctld (root namespace) on the bridge: S.254
-        _ip("link", "add", self.veth, "type", "veth", "peer", "name", "ctl", "netns", self.cluster.bridge_namespace)
-        _ip("-n", self.cluster.bridge_namespace, "link", "set", "ctl", "master", "br0")
-        _ip("-n", self.cluster.bridge_namespace, "link", "set", "ctl", "up")
-        _ip("link", "set", self.veth, "addrgenmode", "none")
-        _ip("addr", "add", f"{self.controller_addr}/24", "dev", self.veth)
-        _ip("link", "set", self.veth, "up")
+        ip("link", "add", self.veth, "type", "veth", "peer", "name", "ctl", "netns", self.cluster.bridge_namespace)
+        ip("-n", self.cluster.bridge_namespace, "link", "set", "ctl", "master", "br0")
+        ip("-n", self.cluster.bridge_namespace, "link", "set", "ctl", "up")
+        ip("link", "set", self.veth, "addrgenmode", "none")
+        ip("addr", "add", f"{self.controller_addr}/24", "dev", self.veth)
+        ip("link", "set", self.veth, "up")
         cluster_names = [(name, self.node_addr(i)) for i, name in enumerate(self.node_names)]
         for i, name in enumerate(self.node_names):
             own = None
             if i in self.misleading_hostnames:
                 ns = self.namespace(i)
                 # a veth pair inside the node (this kernel has no dummy interfaces): a network only it is in
-                _ip("-n", ns, "link", "add", MGMT_INTERFACE, "type", "veth", "peer", "name", MGMT_INTERFACE + "p")
-                _ip("-n", ns, "addr", "add", f"{self.mgmt_addr(i)}/24", "dev", MGMT_INTERFACE)
-                _ip("-n", ns, "link", "set", MGMT_INTERFACE + "p", "up")
-                _ip("-n", ns, "link", "set", MGMT_INTERFACE, "up")
+                ip("-n", ns, "link", "add", MGMT_INTERFACE, "type", "veth", "peer", "name", MGMT_INTERFACE + "p")
+                ip("-n", ns, "addr", "add", f"{self.mgmt_addr(i)}/24", "dev", MGMT_INTERFACE)
+                ip("-n", ns, "link", "set", MGMT_INTERFACE + "p", "up")
+                ip("-n", ns, "link", "set", MGMT_INTERFACE, "up")
                 own = (name, self.mgmt_addr(i))
             etc = NETNS_ETC / self.namespace(i)
             etc.mkdir(parents=True, exist_ok=True)
@@ -295,7 +290,7 @@ class EmulatedSlurm(LocalSlurm):
             except RuntimeError as exc:  # pragma: no cover - reported, the watchdog retries at owner exit
                 log.warning("emulated SLURM: %s", exc)
         if self.veth:
-            subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=20)
+            ip("link", "del", self.veth, check=False)
         if self._net_marker is not None:
             self._net_marker.unlink(missing_ok=True)
         if self._watchdog is not None:
@@ -328,7 +323,7 @@ class EmulatedSlurm(LocalSlurm):
     def kill_node(self, index: int) -> list[int]:
         """A node dies: its slurmd and every process in its namespace are SIGKILLed. Returns their pids."""
         ns = self.namespace(index)
-        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10).stdout
+        out = ip("netns", "pids", ns, check=False, timeout_s=10).stdout
         pids = [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
         for pid in pids:
             try:

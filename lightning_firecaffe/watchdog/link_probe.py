@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import first_line
+
 log = logging.getLogger(__name__)
 
 PROBE_BYTES = 1 << 20
@@ -45,7 +47,7 @@ def probe_links(
         every = [torch.empty_like(mine) for _ in range(world_size)]
         _wait(dist.all_gather(every, mine, async_op=True), deadline)
     except Exception as exc:  # a dead or unreachable peer: no link figures, and the run ends as it would
-        log.warning("FireCaffe: the link probe for the straggler report failed (%s)", str(exc).splitlines()[0])
+        log.warning("FireCaffe: the link probe for the straggler report failed (%s)", first_line(exc))
         return None
     return {
         ((receiver - offset) % world_size, receiver): float(every[receiver][i])

@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from ..errors import first_line
+from ..processes import identity, running, stop_descendants
 from .progress import PROGRESS, Progress
 from .stacks import Whereabouts, classify, stack_of
-from .verdict import Beat, Observer, Policy, Stall, judge
+from .verdict import Beat, Observer, Policy, Stall, describe_peer, judge
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Watchdog:
         self.stall: Stall | None = None
         self.stalled_since: float | None = None
         self._heartbeat = 0
-        self._kill = kill or kill_children
+        self._process = identity()  # lets watchdogs on this machine tell that this rank's process has exited
+        self._kill = kill or stop_descendants
         self.failed = False
         self.cpu_s = 0.0  # CPU time the thread has used (its cost, see benchmarks/watchdog_overhead.py)
         self._stop = threading.Event()
@@ -78,11 +80,9 @@ class Watchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval_s + 10)
         with self._lock:
-            why = (
-                None
-                if error is None
-                else f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
-            )
+            why = None if error is None else type(error).__name__
+            if error is not None and str(error).strip():
+                why += f": {first_line(error)[:300]}"
             self.transport.publish(dataclasses.replace(self._beat(finished=True), error=why))
 
     # ------------------------------------------------------------------ one round
@@ -103,21 +103,23 @@ class Watchdog:
             at=at,
             finished=finished,
             step_seconds=self.progress.step_seconds,
+            process=self._process,
         )
 
     def check(self) -> Stall | None:
         """Publish, read, judge and act once (the thread's loop body; tests call it directly)."""
         cpu0 = time.thread_time()
-        with self._lock:
+        with self._lock:  # the transport and the observer are shared with describe() on the training thread
             mine = self._beat()
             published = self.transport.publish(mine)
             beats = self.transport.read() if published else None
-        now = self._clock()
-        self.observer.update(
-            {self.rank: mine, **({k: v for k, v in beats.items() if k != self.rank} if beats else {})}, now
-        )
-        self.observer.store_answered(beats is not None, now)
-        stall = judge(self.observer, now, self.policy)
+            now = self._clock()
+            self.observer.update(
+                {self.rank: mine, **({k: v for k, v in beats.items() if k != self.rank} if beats else {})}, now
+            )
+            self.observer.store_answered(beats is not None, now)
+            self._see_processes()
+            stall = judge(self.observer, now, self.policy)
         self._act(stall, now)
         self.cpu_s += time.thread_time() - cpu0
         return stall
@@ -184,88 +186,42 @@ class Watchdog:
             figures[self.rank] = self.progress.step_seconds
         return figures
 
-    def describe(self, ranks: list[int]) -> list[str]:
-        """What this rank's watchdog knows about ``ranks`` now (for a PeerStallError's message)."""
-        states = {s.rank: s for s in self.observer.states(self._clock(), self.policy)}
+    def _see_processes(self) -> None:
+        """Which ranks' processes have exited, for those on this machine (the others: unknown)."""
+        seen = {r: running(c.beat.process) for r, c in self.observer.clocks.items() if r != self.rank}
+        self.observer.processes_seen({r: not runs for r, runs in seen.items() if runs is not None})
+
+    def _refresh(self) -> None:
+        """Read the others' beats now (the thread's last read may be an interval old)."""
+        with self._lock:
+            beats = self.transport.read()
+            if beats:
+                self.observer.update({r: b for r, b in beats.items() if r != self.rank}, self._clock())
+            self._see_processes()
+
+    def describe(self, ranks: list[int], closed: bool = False) -> list[str]:
+        """What this rank's watchdog knows about ``ranks`` now (for a PeerStallError's message).
+
+        ``closed``: the gradient path saw ``ranks`` close their connection (``PeerStallError.closed``); the
+        watchdog then says whether their processes exited, and never calls them alive."""
+        self._refresh()
+        with self._lock:
+            states = {s.rank: s for s in self.observer.states(self._clock(), self.policy)}
         silent = [
             r
             for r, s in states.items()
             if r != self.rank and r not in ranks and s.status != "finished" and s.silent_s >= 3 * self.interval_s
         ]
-        out = []
-        for r in [*ranks, *silent]:  # the peer it waited for may itself wait for a silent one: name that too
-            s = states.get(r)
-            if s is None:
-                continue
-            if (
-                s.status in ("busy", "waiting") and s.silent_s >= 3 * self.interval_s
-            ):  # silent, though not yet for stall_timeout
-                out.append(
-                    f"rank {r} is not responding: no heartbeat for {s.silent_s:.0f} s; last in '{s.phase}' "
-                    f"at global step {s.step}"
-                )
-            else:
-                out.append(s.describe())
-        return out
+        named = set(ranks)
+        return [  # the peer it waited for may itself wait for a silent one: name that too
+            describe_peer(states[r], closed=closed and r in named, silent_after_s=3 * self.interval_s)
+            for r in [*ranks, *silent]
+            if r in states
+        ]
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    kids = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/children") as f:
-                    kids += [int(p) for p in f.read().split()]
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], child_pids(pid)
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += child_pids(p)
-    return out
-
-
-def kill_children(spare: list[int], wait_s: float) -> None:
-    """SIGKILL every descendant of this process; the ``spare`` ones (ranks this process launched, which
-    reach their own verdict) get ``wait_s`` to exit by themselves first."""
-    spared = set(spare)
-    theirs = {p for pid in spared for p in descendants(pid)}
-    for pid in descendants(os.getpid()):
-        if pid not in spared and pid not in theirs:
-            _kill(pid)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(_alive(p) for p in spared):
-        time.sleep(0.2)
-    for pid in spared:
-        for p in [pid, *descendants(pid)]:
-            _kill(p)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+#: The old name, until strategy.py calls :func:`lightning_firecaffe.processes.stop_descendants` itself.
+kill_children = stop_descendants
 
 
 def start_watchdog(

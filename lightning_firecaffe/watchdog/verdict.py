@@ -7,7 +7,8 @@ process and its watchdog thread run), ``progress`` grows with every phase beat o
 training moves). An observer keeps, per rank, when it last saw each of them change (:class:`Observer`,
 its own monotonic clock: no clock synchronisation between hosts is needed). A rank is
 
-* **dead** when its heartbeats stopped for ``stall_timeout`` (process gone, frozen, or host unreachable);
+* **dead** when its heartbeats stopped for ``stall_timeout`` (process gone, frozen, or host unreachable), or
+  at once when its process has *exited* (seen by an observer on the same machine, see ``Beat.process``);
 * **finished** when it said goodbye (its training ended) - a rank still waiting for it is stuck;
 * **waiting** when its training thread is blocked in a collective, i.e. waits for the others;
 * **busy** otherwise: running its own code (a validation step, a DataLoader, a checkpoint write). It is
@@ -18,6 +19,9 @@ waiting for can still come: every rank that is not waiting is dead, finished or 
 culprits. If nobody is seen waiting (a wait the stack sampler does not recognise), the job is stalled
 when no live rank has moved for its allowance. A rank that cannot reach the rendezvous store (hosted by
 rank 0) for ``stall_timeout`` while its own training does not move blames rank 0's host.
+
+A beat is as old as its rank's last publish: the observer calls a rank alive only once it has seen its
+heartbeat advance; a rank it has heard once is described by what it said (its age unknown), never as alive.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .progress import KINDS
 #: Default allowance (seconds without progress) per phase kind, on top of ``stall_timeout``: each kind
 #: may stay still for max(stall_timeout, its allowance).
 DEFAULT_ALLOWANCES = {"setup": 300.0, "warmup": 300.0, "checkpoint": 600.0, "normal": 0.0}
+NEVER_HEARD = "unknown (never heard from)"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Beat:
     finished: bool = False
     error: str | None = None  # why it left, when it left with an exception
     step_seconds: float | None = None  # mean compute + data seconds per training step
+    process: str | None = None  # lightning_firecaffe.processes.identity(): observers on its machine check it
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -93,8 +99,9 @@ def bad_allowances(overrides: object) -> str | None:
 @dataclass
 class _Clock:
     beat: Beat
-    heard_at: float  # observer time when the heartbeat last changed
+    heard_at: float  # observer time when the heartbeat last changed (or was first seen)
     moved_at: float  # observer time when the progress last changed
+    advanced: bool = False  # the heartbeat was seen to change: the rank ran while watched
 
 
 class Observer:
@@ -104,19 +111,24 @@ class Observer:
         self.world_size, self.me, self.started_at = world_size, me, now
         self.clocks: dict[int, _Clock] = {}
         self.store_failing_since: float | None = None
+        self.exited: dict[int, bool] = {}  # rank -> its process has exited (only ranks whose process we can see)
 
     def update(self, beats: dict[int, Beat], now: float) -> None:
         """Record fresh beats (this rank's own beat is recorded every round, even when the store fails)."""
         for rank, beat in beats.items():
             clock = self.clocks.get(rank)
             if clock is None:
-                self.clocks[rank] = _Clock(beat, now, now)
+                self.clocks[rank] = _Clock(beat, now, now, advanced=rank == self.me)
                 continue
             if beat.heartbeat != clock.beat.heartbeat or rank == self.me:
-                clock.heard_at = now
+                clock.heard_at, clock.advanced = now, True
             if beat.progress != clock.beat.progress:
                 clock.moved_at = now
             clock.beat = beat
+
+    def processes_seen(self, exited: dict[int, bool]) -> None:
+        """Record which ranks' processes have exited, for those this observer can see (same machine)."""
+        self.exited = {r: bool(gone) for r, gone in exited.items() if r != self.me}
 
     def store_answered(self, ok: bool, now: float) -> None:
         if ok:
@@ -133,7 +145,7 @@ class Observer:
                     RankState(
                         rank,
                         "dead" if now - self.started_at >= policy.stall_timeout else "busy",
-                        "unknown (never heard from)",
+                        NEVER_HEARD,
                         "normal",
                         0,
                         now - self.started_at,
@@ -141,14 +153,16 @@ class Observer:
                         None,
                         None,
                         False,
+                        heard=False,
                     )
                 )
                 continue
             b = clock.beat
             silent, still = now - clock.heard_at, now - clock.moved_at
+            exited = self.exited.get(rank)
             if b.finished:
                 status = "finished"
-            elif silent >= policy.stall_timeout and rank != self.me:
+            elif (exited or silent >= policy.stall_timeout) and rank != self.me:
                 status = "dead"
             elif b.blocked_in:
                 status = "waiting"
@@ -156,7 +170,21 @@ class Observer:
                 status = "busy"
             overdue = still >= (policy.stall_timeout if status == "waiting" else policy.allowance(b.kind))
             out.append(
-                RankState(rank, status, b.phase, b.kind, b.step, silent, still, b.blocked_in, b.at, overdue, b.error)
+                RankState(
+                    rank,
+                    status,
+                    b.phase,
+                    b.kind,
+                    b.step,
+                    silent,
+                    still,
+                    b.blocked_in,
+                    b.at,
+                    overdue,
+                    b.error,
+                    heard=clock.advanced,
+                    exited=exited,
+                )
             )
         return out
 
@@ -174,9 +202,21 @@ class RankState:
     at: str | None
     overdue: bool
     error: str | None = None
+    heard: bool = True  # its heartbeat was seen to advance (False: one beat seen, its data of unknown age)
+    exited: bool | None = None  # its process has exited (True), still runs (False), or cannot be seen (None)
+
+    @property
+    def last_beat(self) -> str:
+        """Its last beat and how old it is, where the observer knows (a beat seen once may be from its start)."""
+        where = f"'{self.phase}' at global step {self.step}"
+        if not self.heard:
+            return f"the only beat seen from it (of unknown age) was in {where}"
+        return f"its last beat, {self.silent_s:.0f} s ago, was in {where}"
 
     def describe(self) -> str:
         where = f"last in '{self.phase}' at global step {self.step}"
+        if self.exited and self.status != "finished":
+            return f"rank {self.rank} has exited (its process is gone) without leaving the training; {self.last_beat}"
         if self.status == "dead":
             return (
                 f"rank {self.rank} is not responding: no heartbeat for {self.silent_s:.0f} s (its process died, "
@@ -186,6 +226,10 @@ class RankState:
             return f"rank {self.rank} has left the training with an error ({self.error}); {where}"
         if self.status == "finished":
             return f"rank {self.rank} has finished its training and left; {where}"
+        if self.phase == NEVER_HEARD:
+            return f"rank {self.rank} has not been heard from in the {self.silent_s:.0f} s this rank has watched"
+        if not self.heard:  # one beat, maybe from long ago: no evidence that it runs
+            return f"rank {self.rank} has sent no heartbeat since the first one (it may have exited); {self.last_beat}"
         if self.status == "waiting":
             return f"rank {self.rank} is blocked in {self.blocked_in} for {self.still_s:.0f} s, in '{self.phase}' at global step {self.step}"
         at = f", at {self.at}" if self.at else ""
@@ -271,9 +315,35 @@ def judge(observer: Observer, now: float, policy: Policy) -> Stall | None:
     return None
 
 
+def describe_peer(state: RankState, *, closed: bool, silent_after_s: float) -> str:
+    """What the watchdog adds about a peer that the gradient path names in its error.
+
+    ``closed``: the peer closed its connection. That is evidence the peer's process or host went away, unless
+    the watchdog knows better (the rank left the training, or its process visibly still runs): never "alive".
+    A peer silent for ``silent_after_s`` (a few beats) is "not responding" even before ``stall_timeout``.
+    """
+    if state.status == "finished" or state.exited:
+        return state.describe()
+    if closed and state.exited is False:
+        return (
+            f"rank {state.rank} closed its connection but its process still runs (its training failed, or the "
+            f"link between the two ranks broke); {state.last_beat}"
+        )
+    if closed:
+        return f"rank {state.rank} closed its connection: its process exited or its host went away; {state.last_beat}"
+    if state.status in ("busy", "waiting") and state.heard and state.silent_s >= silent_after_s:
+        return (
+            f"rank {state.rank} is not responding: no heartbeat for {state.silent_s:.0f} s; last in "
+            f"'{state.phase}' at global step {state.step}"
+        )
+    return state.describe()
+
+
 def _reason(culprits: tuple) -> str:
     kinds = {c.status for c in culprits}
     names = ", ".join(f"rank {c.rank}" for c in culprits)
+    if kinds == {"dead"} and all(c.exited for c in culprits):
+        return f"{names} exited"
     if kinds == {"dead"}:
         return f"{names} stopped responding"
     if kinds == {"busy"}:

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from lightning_firecaffe.processes import alive
 from lightning_firecaffe.testing.cluster import (
     ClusterRunError,
     ClusterTimeoutError,
@@ -23,37 +25,36 @@ from lightning_firecaffe.testing.cluster import (
     list_runs,
     workloads,
 )
+from lightning_firecaffe.testing.iproute import ip, tc
+from lightning_firecaffe.testing.required import needs
 
 CAN_EMULATE, REASON = can_emulate()
-needs_cluster = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
+needs_cluster = needs(CAN_EMULATE, REASON)
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _netns() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = ip("netns", "list", check=False).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def _root_links() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    out = ip("-o", "link", "show", check=False).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()}
 
 
 def _foreign_processes() -> set[tuple[int, str]]:
     """(pid, command line) of every live process outside our network namespace or running a rank worker."""
-    own = os.readlink("/proc/self/ns/net")
+    own = os.readlink("/proc/self/ns/net")  # psutil does not know namespaces
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for proc in psutil.process_iter(["cmdline"]):
         try:
-            net = os.readlink(f"/proc/{entry}/ns/net")
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            net = os.readlink(f"/proc/{proc.pid}/ns/net")
+        except OSError:
             continue
-        if state != "Z" and (net != own or "cluster/worker.py" in cmd):
-            found.add((int(entry), cmd))
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if alive(proc.pid) and (net != own or "cluster/worker.py" in cmd):
+            found.add((proc.pid, cmd))
     return found
 
 
@@ -106,7 +107,7 @@ def test_all_reduce_over_three_hosts_and_nothing_left():
         assert set(cluster.host_namespaces) | {cluster.bridge_namespace} <= _netns()
         assert _root_links() == before["links"]  # everything lives inside the cluster's namespaces
         for ns in (*cluster.host_namespaces, cluster.bridge_namespace):
-            qdiscs = subprocess.run(["tc", "-n", ns, "qdisc", "show"], capture_output=True, text=True).stdout
+            qdiscs = tc("-n", ns, "qdisc", "show", check=False).stdout
             assert "tbf" in qdiscs and "rate 1Gbit" in qdiscs, (ns, qdiscs)
         stats0 = cluster.link_stats()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_firecaffe.testing.required import import_or_missing, missing
 from lightning_firecaffe.testing.slurm import LocalSlurm, SlurmUnavailable, check_prerequisites
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,11 +50,11 @@ def slurm():
     reason = check_prerequisites()
     if reason:
         print(f"\nSLURM tests skipped: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+        missing(reason)
     try:
         cluster = LocalSlurm(start_timeout=90, ttl=900).up()
     except SlurmUnavailable as exc:  # pragma: no cover - check_prerequisites() already said so
-        pytest.skip(str(exc))
+        missing(str(exc))
     try:
         yield cluster
     finally:
@@ -118,7 +119,7 @@ def test_sbatch_example_trains_on_two_slurm_ranks(slurm, tmp_path):
 
 def hydra_multirun(cluster: LocalSlurm, tmp_path: Path, app: list[str], *overrides: str) -> subprocess.CompletedProcess:
     """``<app> -m hydra/launcher=submitit_slurm`` with 2 tasks on 1 node; returns or fails within JOB_TIMEOUT."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    import_or_missing("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
     cmd = [
         *app,

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from lightning_firecaffe.testing.cluster import can_emulate
+from lightning_firecaffe.testing.required import import_or_missing, missing
 from lightning_firecaffe.testing.slurm import SlurmUnavailable, check_prerequisites
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,13 +60,13 @@ def slurm2():
     reason = check_prerequisites()
     ok, why = can_emulate()
     if reason or not ok:
-        pytest.skip(reason or why)
+        missing(reason or why)
     from lightning_firecaffe.testing.slurm_cluster import EmulatedSlurm
 
     try:
         cluster = EmulatedSlurm(nodes=2, rate="1gbit", misleading_hostnames=(1,), start_timeout=120, ttl=1800).up()
     except SlurmUnavailable as exc:  # pragma: no cover - the checks above already said so
-        pytest.skip(str(exc))
+        missing(str(exc))
     try:
         yield cluster
     finally:
@@ -123,7 +124,7 @@ def check_links_carried_the_gradients(cluster, before: dict, ranks: dict[int, di
 
 
 def hydra_multirun(cluster, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    import_or_missing("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
     cmd = [
         str(FIRECAFFE_TRAIN),
@@ -300,7 +301,7 @@ def test_a_dead_node_fails_the_job_naming_the_lost_ranks(slurm2, tmp_path):
     """Acceptance 5 (last in the module: node1 is restarted afterwards): node1's slurmd and ranks are SIGKILLed
     mid-training; node0's ranks fail within the stall timeout naming a rank of node1, and the Hydra submitit
     launcher returns the failed job instead of waiting."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    import_or_missing("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher is not installed")
     sweep = tmp_path / "multirun"
     overrides = [
         *(o for o in TINY if not o.startswith("trainer.max_steps")),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_firecaffe.processes import alive
+
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_job.py"
 T = 10.0  # stall_timeout of these tests
 
@@ -39,14 +41,6 @@ def run_job(out: Path, *args: str, timeout: float = 150) -> tuple[int, str]:
         output, _ = proc.communicate()
         pytest.fail(f"the job hung ({timeout} s):\n{output[-5000:]}")
     return proc.returncode, output
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def assert_stopped_in_time_and_nothing_left(out: Path, rc: int, output: str) -> None:
@@ -108,6 +102,16 @@ def test_peer_that_dies_reaches_the_user_as_peer_stall_error_naming_it(tmp_path)
     error = caught(tmp_path, 1)
     assert "PeerStallError" in error["mro"], error
     assert "rank 0" in error["message"] and "Unable to cast" not in error["message"], error
+
+
+@pytest.mark.timeout(200)
+def test_a_killed_peer_is_named_as_exited_never_as_alive(tmp_path):
+    rc, output = run_job(tmp_path, "--fault", "dies", "--fault-rank", "1", "--algorithm", "tree")
+    assert_stopped_in_time_and_nothing_left(tmp_path, rc, output)
+    error = caught(tmp_path, 0)
+    assert "PeerStallError" in error["mro"] and "rank 1" in error["message"], error
+    assert "Watchdog: rank 1 has exited (its process is gone)" in error["message"], error
+    assert "is alive" not in output, output[-4000:]
 
 
 @pytest.mark.timeout(240)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from lightning_firecaffe.testing.cluster import INTERFACE, EmulatedCluster, can_emulate
+from lightning_firecaffe.testing.required import needs
 
 CAN_EMULATE, REASON = can_emulate()
-pytestmark = pytest.mark.skipif(not CAN_EMULATE, reason=REASON)
+pytestmark = needs(CAN_EMULATE, REASON)
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_job.py"
 T = 10.0
 HOSTS = 3

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 
 from lightning_firecaffe import algorithm_names, app_checks
 from lightning_firecaffe.callbacks import LargeBatchScaling
+from lightning_firecaffe.testing.required import import_or_missing
 from lightning_firecaffe.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ def options(group: str) -> list[str]:
 
 def compose_cfg(tmp_path: Path, *overrides: str):
     """The composed config with the Hydra node (``${hydra:...}`` resolves), outputs under ``tmp_path``."""
+    app_checks.register_resolvers()  # as firecaffe-train's main() does
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
@@ -192,7 +194,7 @@ def test_paper_nin_keeps_its_recipe(tmp_path):
 
 
 def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    import_or_missing("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher is not installed")
     cfg = compose_cfg(tmp_path, "hydra/launcher=submitit_slurm", "trainer.devices=4", "trainer.num_nodes=3")
     assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.nodes == 3
     launcher = instantiate(cfg.hydra.launcher)

@@ -2,6 +2,7 @@
 interfaces that exist. Pure logic, plus the I/O wrapper on this machine's own interfaces (lo always exists)."""
 
 import logging
+import os
 
 import pytest
 
@@ -79,15 +80,48 @@ def test_lists_this_machines_loopback():
 def test_configure_sets_the_loopback_for_a_local_master_and_says_so(caplog):
     env = {}
     with caplog.at_level(logging.INFO, logger="lightning_firecaffe.network"):
-        assert configure_gloo_interface("127.0.0.1", environ=env) == "lo"
+        assert configure_gloo_interface("127.0.0.1", environ=env).name == "lo"
     assert env == {"GLOO_SOCKET_IFNAME": "lo"}
     assert [r.getMessage() for r in caplog.records if "gloo uses interface lo" in r.getMessage()]
 
 
 def test_configure_keeps_a_valid_explicit_value_and_rejects_a_wrong_one():
-    assert configure_gloo_interface("127.0.0.1", environ={"GLOO_SOCKET_IFNAME": "lo"}) == "lo"
+    assert configure_gloo_interface("127.0.0.1", environ={"GLOO_SOCKET_IFNAME": "lo"}).name == "lo"
     with pytest.raises(NetworkInterfaceError, match=r"GLOO_SOCKET_IFNAME='doesnotexist'.*lo \(127\.0\.0\.1/8\)"):
         configure_gloo_interface("127.0.0.1", environ={"GLOO_SOCKET_IFNAME": "doesnotexist"})
+
+
+def test_restore_puts_the_environment_back_as_it_was():
+    env = {"PATH": "/bin"}
+    interface = configure_gloo_interface("127.0.0.1", environ=env, announce=False)
+    assert env == {"PATH": "/bin", "GLOO_SOCKET_IFNAME": "lo"}
+    interface.restore()
+    assert env == {"PATH": "/bin"}
+    interface.restore()  # twice (teardown after a failed setup) is harmless
+    assert env == {"PATH": "/bin"}
+
+
+def test_restore_leaves_the_users_own_value_alone():
+    env = {"GLOO_SOCKET_IFNAME": "lo"}
+    with configure_gloo_interface("127.0.0.1", environ=env, announce=False) as interface:
+        assert interface.name == "lo" and not interface.chosen
+    assert env == {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+def test_restore_leaves_a_value_someone_set_since_alone():
+    env = {}
+    with configure_gloo_interface("127.0.0.1", environ=env, announce=False):
+        env["GLOO_SOCKET_IFNAME"] = "lo,lo"  # changed by someone else meanwhile: theirs now
+    assert env == {"GLOO_SOCKET_IFNAME": "lo,lo"}
+
+
+def test_restore_on_the_real_environment(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    before = dict(os.environ)
+    interface = configure_gloo_interface("127.0.0.1", announce=False)
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    interface.restore()
+    assert dict(os.environ) == before
 
 
 def test_an_unresolvable_master_is_named():

@@ -1,11 +1,13 @@
 """Stack classification, torch's wrapped hook error undone, the straggler report, and the watchdog's
 warn / fail actions with an in-memory store and a hand-driven clock."""
 
+import subprocess
 import threading
 
 import pytest
 
 from lightning_firecaffe.errors import PeerStallError, unwrap_hook_error
+from lightning_firecaffe.processes import identity
 from lightning_firecaffe.watchdog.errors import with_watchdog_view
 from lightning_firecaffe.watchdog.monitor import STALL_EXIT_CODE, Watchdog
 from lightning_firecaffe.watchdog.progress import Phase, Progress
@@ -184,6 +186,28 @@ def test_describe_calls_a_silent_peer_not_responding():
     ]
 
 
+def test_describe_reads_the_beats_now_and_names_a_rank_whose_process_exited():
+    store, clock = MemoryStore(), [0.0]
+    a, b = make(0, store, clock, "train batch 3 (backward)"), make(1, store, clock, "starting")
+    rank1 = subprocess.Popen(["sleep", "30"])  # stands for rank 1's process, on this machine
+    b._process = identity(rank1.pid)
+    run([a], clock, 1)
+    b.check()  # rank 1's only beat, published after rank 0's watchdog last read the store
+    rank1.kill()
+    rank1.wait()
+    assert a.describe([1]) == a.describe([1], closed=True)
+    assert a.describe([1])[0].startswith("rank 1 has exited (its process is gone) without leaving the training")
+
+
+def test_describe_a_closed_peer_on_another_machine_as_gone_not_alive():
+    store, clock = MemoryStore(), [0.0]
+    a, b = make(0, store, clock, "train batch 3 (backward)"), make(1, store, clock, "starting")
+    b._process = None  # another machine: its process cannot be seen from here
+    run([a, b], clock, 1)
+    (line,) = a.describe([1], closed=True)
+    assert line.startswith("rank 1 closed its connection: its process exited or its host went away"), line
+
+
 def test_every_ranks_step_seconds_travel_in_the_beats():
     store, clock = MemoryStore(), [0.0]
     a, b = make(0, store, clock, "x"), make(1, store, clock, "y")
@@ -268,3 +292,21 @@ def test_peer_stall_error_survives_pickling_with_its_peers():
 
     again = pickle.loads(pickle.dumps(PeerStallError("FireCaffe all-reduce on rank 0: rank 1 closed", [1])))
     assert type(again) is PeerStallError and again.peers == [1] and "rank 1 closed" in str(again)
+
+
+def test_the_link_probe_reports_a_failure_with_an_empty_message(monkeypatch, caplog):
+    from lightning_firecaffe.watchdog import link_probe
+
+    class Failing:
+        def wait(self, timeout):
+            raise RuntimeError("")  # gloo sometimes says nothing
+
+    monkeypatch.setattr(link_probe.dist, "barrier", lambda async_op: Failing())
+    assert link_probe.probe_links(0, 2, timeout_s=1.0) is None  # was: IndexError from splitlines()[0]
+    assert "the link probe for the straggler report failed (RuntimeError(''))" in caplog.text
+
+
+def test_a_goodbye_after_an_error_without_text_names_its_type():
+    store, clock = MemoryStore(), [0.0]
+    make(1, store, clock, "x").stop(error=RuntimeError(""))
+    assert store.beats[1].finished and store.beats[1].error == "RuntimeError"

@@ -2,7 +2,15 @@
 
 import pytest
 
-from lightning_firecaffe.watchdog.verdict import Beat, Observer, Policy, bad_allowances, judge, merge_allowances
+from lightning_firecaffe.watchdog.verdict import (
+    Beat,
+    Observer,
+    Policy,
+    bad_allowances,
+    describe_peer,
+    judge,
+    merge_allowances,
+)
 
 T = 10.0
 POLICY = Policy(T, merge_allowances(None))
@@ -140,6 +148,84 @@ def test_never_heard_rank_counts_as_dead_after_stall_timeout():
         obs.store_answered(True, float(t))
     stall = judge(obs, T, POLICY)
     assert stall is not None and stall.culprit_ranks == [1] and stall.culprits[0].status == "dead"
+
+
+# -- a peer the gradient path names: dead is never "alive" (issue 17: a rank killed at step 3 under "tree")
+def killed_early():
+    """Rank 1 published its very first beat ('starting') and was SIGKILLed before its second: rank 0 first
+    reads that beat just before the gradient path fails (its data is seconds old, and it is all there is)."""
+    obs = Observer(2, 0, 0.0)
+    obs.update({0: Beat(0, 1, 1, "train batch 3 (backward)", blocked_in="backward")}, 0.0)
+    obs.update({0: Beat(0, 2, 1, "train batch 3 (backward)", blocked_in="backward"), 1: Beat(1, 1, 0, "starting")}, 1.0)
+    return obs
+
+
+def state_of(obs, rank, now=1.5):
+    return next(s for s in obs.states(now, POLICY) if s.rank == rank)
+
+
+def test_a_rank_heard_once_is_not_called_alive():
+    text = describe_peer(state_of(killed_early(), 1), closed=False, silent_after_s=3.0)
+    assert "alive" not in text and "has sent no heartbeat since the first one" in text
+    assert "the only beat seen from it (of unknown age) was in 'starting' at global step 0" in text
+
+
+def test_a_peer_that_closed_its_connection_is_said_to_be_gone():
+    text = describe_peer(state_of(killed_early(), 1), closed=True, silent_after_s=3.0)
+    assert text.startswith("rank 1 closed its connection: its process exited or its host went away;"), text
+
+
+def test_a_peer_whose_process_exited_is_named_exited_and_dead_at_once():
+    obs = killed_early()
+    obs.processes_seen({1: True})
+    state = state_of(obs, 1)
+    assert state.status == "dead" and state.exited
+    for closed in (False, True):
+        text = describe_peer(state, closed=closed, silent_after_s=3.0)
+        assert text.startswith("rank 1 has exited (its process is gone) without leaving the training"), text
+
+
+def test_a_closed_peer_whose_process_still_runs_is_not_called_exited():
+    c = Cluster()
+    c.tick(3)
+    c.observer.processes_seen({1: False})
+    text = describe_peer(state_of(c.observer, 1, c.now), closed=True, silent_after_s=3.0)
+    assert text.startswith("rank 1 closed its connection but its process still runs"), text
+
+
+def test_a_rank_that_left_with_an_error_is_described_by_its_goodbye_even_when_closed():
+    c = Cluster()
+    c.tick(3)
+    c.set(1, finished=True, error="ValueError: boom")
+    c.tick(1)
+    text = describe_peer(state_of(c.observer, 1, c.now), closed=True, silent_after_s=3.0)
+    assert text.startswith("rank 1 has left the training with an error (ValueError: boom)"), text
+
+
+def test_a_waiting_rank_sees_an_exited_peer_as_the_culprit_once_it_waited_stall_timeout():
+    c = Cluster()
+    c.set(0, blocked_in="backward (the gradient all-reduce)")
+    c.tick(2)
+    c.observer.processes_seen({1: True})
+    assert c.tick(T - 3, alive={0}) is None  # not before rank 0 has waited stall_timeout
+    stall = c.tick(1, alive={0})
+    assert stall is not None and stall.culprit_ranks == [1] and stall.reason == "rank 1 exited"
+    assert "rank 1 has exited" in stall.message(0) and "alive" not in stall.message(0)
+
+
+def test_a_silent_rank_that_was_heard_is_not_responding_before_stall_timeout():
+    c = Cluster()
+    c.tick(2)
+    c.tick(4, alive={0})
+    text = describe_peer(state_of(c.observer, 1, c.now), closed=False, silent_after_s=3.0)
+    assert text.startswith("rank 1 is not responding: no heartbeat for 4 s"), text
+
+
+def test_a_rank_never_heard_from_is_not_called_alive():
+    obs = Observer(2, 0, 0.0)
+    obs.update({0: Beat(0, 1, 1, "setup")}, 0.0)
+    text = state_of(obs, 1, 5.0).describe()
+    assert text == "rank 1 has not been heard from in the 5 s this rank has watched"
 
 
 @pytest.mark.parametrize("bad", [{"lunch": 3}, {"checkpoint": -1}, {"checkpoint": float("inf")}, {"setup": True}, [1]])

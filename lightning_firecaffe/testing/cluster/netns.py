@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...processes import stop
 from ...units import format_rate, parse_rate
+from ..iproute import ip, tc
 
 PREFIX = "fcn-"
 INTERFACE = "fcnet0"  # the host end of the veth inside every host namespace
@@ -73,22 +75,9 @@ class ClusterTimeoutError(ClusterRunError, TimeoutError):
     """The run passed its deadline; every rank still running was killed."""
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"`ip {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def _tc(*args: str) -> None:
-    proc = subprocess.run(["tc", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`tc {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}")
-
-
 def list_namespaces(prefix: str = PREFIX) -> list[str]:
     """Names of the network namespaces that start with ``prefix``."""
-    proc = _ip("netns", "list", check=False)
+    proc = ip("netns", "list", check=False)
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     return sorted(n for n in names if n.startswith(prefix))
 
@@ -103,33 +92,8 @@ def list_runs(prefix: str = PREFIX) -> dict[str, list[str]]:
 
 
 def _namespace_pids(ns: str) -> list[int]:
-    proc = _ip("netns", "pids", ns, check=False)
+    proc = ip("netns", "pids", ns, check=False)
     return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def _kill_pids(pids: Sequence[int], grace: float = 2.0) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL whatever is left; never our own process."""
-    pids = [p for p in pids if p != os.getpid()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
-            if not pids:
-                return
-            time.sleep(0.02)
 
 
 def delete_namespaces(names: Sequence[str]) -> list[str]:
@@ -143,10 +107,10 @@ def delete_namespaces(names: Sequence[str]) -> list[str]:
     for ns in names:
         pids += _namespace_pids(ns)
     if pids:
-        _kill_pids(pids)
+        stop(pids, grace_s=2.0)
     failed = []
     for ns in names:
-        if _ip("netns", "del", ns, check=False).returncode != 0 and ns in list_namespaces(prefix=""):
+        if ip("netns", "del", ns, check=False).returncode != 0 and ns in list_namespaces(prefix=""):
             failed.append(ns)
     return failed
 
@@ -192,9 +156,9 @@ def can_emulate() -> tuple[bool, str]:
         reason = ""
         probe = f"{PREFIX}probe{os.getpid()}"
         try:
-            _ip("netns", "add", probe)
-            _ip("-n", probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
-            _tc(
+            ip("netns", "add", probe)
+            ip("-n", probe, "link", "add", "p0", "type", "veth", "peer", "name", "p1")
+            tc(
                 "-n",
                 probe,
                 "qdisc",
@@ -480,12 +444,10 @@ class EmulatedCluster:
         host_ids = sorted(int(n.rsplit("-h", 1)[1]) for n in names if re.search(r"-h\d+$", n))
         if not host_ids or host_ids != list(range(len(host_ids))) or f"{prefix}{run_id}-br" not in names:
             raise LookupError(f"no complete emulated cluster with run id {run_id!r} (found {names})")
-        addr = _ip("-n", f"{prefix}{run_id}-h0", "-4", "-o", "addr", "show", "dev", INTERFACE).stdout.split()
+        addr = ip("-n", f"{prefix}{run_id}-h0", "-4", "-o", "addr", "show", "dev", INTERFACE).stdout.split()
         subnet = addr[addr.index("inet") + 1].split("/")[0].rsplit(".", 1)[0]
         rate = None
-        qdisc = subprocess.run(
-            ["tc", "-n", f"{prefix}{run_id}-h0", "qdisc", "show", "dev", INTERFACE], capture_output=True, text=True
-        ).stdout
+        qdisc = tc("-n", f"{prefix}{run_id}-h0", "qdisc", "show", "dev", INTERFACE, check=False).stdout
         match = re.search(r"rate (\S+)", qdisc)
         if match:
             rate = match.group(1).lower()  # tc prints e.g. "1Gbit", "200Mbit"
@@ -520,7 +482,7 @@ class EmulatedCluster:
     def _shape(self, ns: str, dev: str) -> None:
         if self.rate_bps is None:
             return
-        _tc(
+        tc(
             "-n",
             ns,
             "qdisc",
@@ -544,15 +506,15 @@ class EmulatedCluster:
             raise RuntimeError(f"namespaces {clash} already exist (run id {self.run_id!r} in use?)")
         br = self.bridge_namespace
         self._created.append(br)
-        _ip("netns", "add", br)
-        _ip("-n", br, "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state", "0")
-        _ip("-n", br, "link", "set", BRIDGE, "up")
+        ip("netns", "add", br)
+        ip("-n", br, "link", "add", BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        ip("-n", br, "link", "set", BRIDGE, "up")
         for i, ns in enumerate(self.host_namespaces):
             self._created.append(ns)
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
             port = f"h{i}"
             # created directly inside the namespaces: nothing ever appears in the root namespace
-            _ip(
+            ip(
                 "-n",
                 br,
                 "link",
@@ -570,12 +532,12 @@ class EmulatedCluster:
                 "mtu",
                 str(self.mtu),
             )
-            _ip("-n", br, "link", "set", port, "master", BRIDGE)
-            _ip("-n", br, "link", "set", port, "up")
-            _ip("-n", ns, "link", "set", INTERFACE, "addrgenmode", "none")  # no IPv6 link-local for gloo to pick
-            _ip("-n", ns, "addr", "add", f"{self.host_addr(i)}/24", "dev", INTERFACE)
-            _ip("-n", ns, "link", "set", INTERFACE, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", br, "link", "set", port, "master", BRIDGE)
+            ip("-n", br, "link", "set", port, "up")
+            ip("-n", ns, "link", "set", INTERFACE, "addrgenmode", "none")  # no IPv6 link-local for gloo to pick
+            ip("-n", ns, "addr", "add", f"{self.host_addr(i)}/24", "dev", INTERFACE)
+            ip("-n", ns, "link", "set", INTERFACE, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
             self._shape(ns, INTERFACE)  # host -> bridge
             self._shape(br, port)  # bridge -> host
 
@@ -863,7 +825,7 @@ class EmulatedCluster:
         self._check_up()
         stats = {}
         for i, ns in enumerate(self.host_namespaces):
-            info = json.loads(_ip("-j", "-s", "-n", ns, "link", "show", "dev", INTERFACE).stdout)[0]["stats64"]
+            info = json.loads(ip("-j", "-s", "-n", ns, "link", "show", "dev", INTERFACE).stdout)[0]["stats64"]
             stats[i] = {
                 "tx_bytes": info["tx"]["bytes"],
                 "rx_bytes": info["rx"]["bytes"],
