@@ -35,13 +35,13 @@ from .comm.telemetry import CommStats
 from .comm.tuner import AutoTuner
 from .compat import launched_pids, trainer_of
 from .errors import PeerStallError, closed_connection, unwrap_hook_error
-from .network import configure_gloo_interface, needs_gloo_interface
+from .network import GlooInterface, configure_gloo_interface, needs_gloo_interface
 from .options import require, require_choice
+from .processes import stop_descendants
 from .strategy_options import OWNER, FireCaffeOptions
 from .transport import name_the_missing
 from .watchdog import Policy, Watchdog, beat, start_watchdog
 from .watchdog.errors import with_watchdog_view
-from .watchdog.monitor import kill_children
 from .watchdog.progress import bucket_beat
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class FireCaffeStrategy(DDPStrategy):
     watchdog: Watchdog | None = None  # the running one
     _hook_state: FireCaffeHookState | None = None
     _failed_with: BaseException | None = None
-    _undo_environment: Callable[[], None] | None = None
+    _gloo_interface: GlooInterface | None = None  # what interface selection set, to undo at teardown
+    selected_gloo_interface: str | None = None  # the interface FireCaffe chose for gloo (None: the user's)
 
     # The options, read where the strategy used to keep them as attributes.
     algorithm = property(lambda self: self.options.algorithm)
@@ -370,16 +371,19 @@ class FireCaffeStrategy(DDPStrategy):
             )
             if named is not None:
                 named.__cause__, error = cause, named
-        if self.watchdog is not None and not getattr(error, "closed", False):
-            error = with_watchdog_view(error, self.watchdog.describe(getattr(error, "peers", [])))
+        if self.watchdog is not None:
+            peers, closed = getattr(error, "peers", []), getattr(error, "closed", False)
+            error = with_watchdog_view(error, self.watchdog.describe(peers, closed=closed))
         return error
 
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup_environment(self) -> None:
         # gloo's interface: the one routing to MASTER_ADDR, or a clear error for a wrong GLOO_SOCKET_IFNAME
+        # (undone at teardown: a later Trainer in this process, or the user's own code, finds os.environ as it was)
         if needs_gloo_interface(self._get_process_group_backend(), self.world_size):
-            configure_gloo_interface(self.cluster_environment.main_address, announce=self.local_rank == 0)
+            self._gloo_interface = configure_gloo_interface(self.cluster_environment.main_address, self.local_rank == 0)
+            self.selected_gloo_interface = self._gloo_interface.name if self._gloo_interface.chosen else None
         super().setup_environment()
         trainer = trainer_of(self.lightning_module)
         if trainer is not None:
@@ -428,7 +432,10 @@ class FireCaffeStrategy(DDPStrategy):
             self.watchdog.stop(error=failed)
             self.watchdog = None
         if failed is not None and launched_pids(self):  # ranks this process started must not outlive it
-            kill_children(launched_pids(self), min(10.0, self.stall_timeout))
+            stop_descendants(launched_pids(self), min(10.0, self.stall_timeout))
+        if self._gloo_interface is not None:
+            self._gloo_interface.restore()
+            self._gloo_interface = None
 
     @classmethod
     @override

@@ -220,10 +220,6 @@ class Watchdog:
         ]
 
 
-#: The old name, until strategy.py calls :func:`lightning_firecaffe.processes.stop_descendants` itself.
-kill_children = stop_descendants
-
-
 def start_watchdog(
     rank: int,
     world_size: int,
