@@ -71,21 +71,37 @@ class Transport:
             self.counters.bytes_received += nbytes
         return nbytes
 
-    def post(self, is_send: bool, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        """``isend``/``irecv`` of a contiguous tensor on the group of its direction; returns the Work."""
+    def post(
+        self, is_send: bool, tensor: torch.Tensor, peer: int, tag: int, *, bucket: int | None = None, step: int = 0
+    ) -> Any:
+        """``isend``/``irecv`` of a contiguous tensor on the group of its direction; returns the Work. Posting
+        to a pair whose peer is gone raises at once: that too names the peer."""
         self.count(tensor, is_send)
-        if is_send:
-            return dist.isend(tensor, dst=peer, group=self.group_between(self.rank, peer), tag=tag)
-        return dist.irecv(tensor, src=peer, group=self.group_between(peer, self.rank), tag=tag)
+        try:
+            if is_send:
+                return dist.isend(tensor, dst=peer, group=self.group_between(self.rank, peer), tag=tag)
+            return dist.irecv(tensor, src=peer, group=self.group_between(peer, self.rank), tag=tag)
+        except RuntimeError as exc:
+            doing = f"posting a {'send to' if is_send else 'receive from'} rank {peer}"
+            raise self._error([peer], doing, bucket, step, exc) from exc
 
-    def post_batch(self, messages: list[tuple[bool, torch.Tensor, int, int]]) -> list[Any]:
+    def post_batch(
+        self, messages: list[tuple[bool, torch.Tensor, int, int]], *, bucket: int | None = None, step: int = 0
+    ) -> list[Any]:
         """``(is_send, tensor, peer, tag)`` messages as one ``batch_isend_irecv`` (what NCCL needs)."""
         ops = []
         for is_send, tensor, peer, tag in messages:
             self.count(tensor, is_send)
             group = self.group_between(self.rank, peer) if is_send else self.group_between(peer, self.rank)
             ops.append(dist.P2POp(dist.isend if is_send else dist.irecv, tensor, peer, group, tag))
-        return dist.batch_isend_irecv(ops) if ops else []
+        try:
+            return dist.batch_isend_irecv(ops) if ops else []
+        except RuntimeError as exc:
+            peers = sorted({m[2] for m in messages})
+            raise self._error(peers, f"posting a round with ranks {peers}", bucket, step, exc) from exc
+
+    def _error(self, peers: list[int], doing: str, bucket: int | None, step: int, exc: BaseException) -> PeerStallError:
+        return peer_error(self.rank, peers, doing, bucket=bucket, step=step, timeout_s=self.stall_timeout, exc=exc)
 
     def all_reduce(self, tensor: torch.Tensor, group: Any = None, op: Any = None) -> Any:
         """The backend's own all-reduce, asynchronous (the only one in the package); returns the Work."""
@@ -108,9 +124,10 @@ class Transport:
         failure = wait_within(work, timeout_s)
         if failure is not None:
             peers = peers() if callable(peers) else peers
-            raise peer_error(
+            error = peer_error(
                 self.rank, peers, doing, bucket=bucket, step=step, timeout_s=timeout_s, exc=failure, what=what
-            ) from failure
+            )
+            raise error from failure
 
     def census(self, timeout_s: float = 5.0) -> dict[int, str]:
         """Who is there: every rank that runs this at about the same time (after a failure) sends one

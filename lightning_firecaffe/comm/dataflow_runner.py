@@ -96,6 +96,7 @@ class _Run:
     sending: dict = field(default_factory=dict)  # send event in flight -> (round, bytes)
     lowest_round: int = 0
     done: int = 0
+    step: int = 0
 
     @classmethod
     def start(cls, layout: _Layout, buffer, schedule, bucket: int, call: int, wire, residual, arenas) -> _Run:
@@ -165,6 +166,7 @@ class DataflowRunner:
             return buffer
         self._calls += 1
         run = _Run.start(layout, buffer, schedule, bucket, self._calls, wire, residual, self._arenas(layout, on_wire))
+        run.step = step
         self._post_ready(run)
         while run.done < len(layout.plan.events):
             self._complete(run, *self._next_completion(run, step), step)
@@ -261,9 +263,8 @@ class DataflowRunner:
                 residual = None if run.residual is None else run.residual[event.lo : event.hi]
                 keep = event.index in run.layout.final_sends
                 round_for_wire(run.buffer[event.lo : event.hi], target, residual, keep)
-        work = self.transport.post(
-            event.is_send, target, m.peer, message_tag(run.bucket, run.schedule, event.round_index, m.lo)
-        )
+        tag = message_tag(run.bucket, run.schedule, event.round_index, m.lo)
+        work = self.transport.post(event.is_send, target, m.peer, tag, bucket=run.bucket, step=run.step)
         nbytes = target.numel() * target.element_size()
         run.posted[event.index] = True
         if event.is_send:

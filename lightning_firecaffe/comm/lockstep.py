@@ -79,6 +79,7 @@ class LockstepRunner:
     def __init__(self, transport: Transport, scratch: Scratch, overlap_bytes: int) -> None:
         self.transport, self.scratch, self.overlap_bytes = transport, scratch, overlap_bytes
         self._plans: dict[tuple, tuple[Schedule, list[_RoundPlan]]] = {}  # (id(schedule), numel, itemsize) -> plans
+        self._step = 0
 
     def run(
         self,
@@ -90,6 +91,7 @@ class LockstepRunner:
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum ``buffer`` across ranks in place following ``schedule``, one batch per round."""
+        self._step = step  # for errors while posting
         on_wire = buffer if wire is None else wire
         rounds = [_Round(plan) for plan in self._plans_for(schedule, buffer.numel(), on_wire.element_size())]
         unapplied: _Round | None = None
@@ -185,7 +187,7 @@ class LockstepRunner:
             target = self._target(rnd, entry, buffer, wire, residual)
             tag = message_tag(bucket, schedule, plan.round_index, entry.message.lo)
             messages.append((entry.message.op is Op.SEND, target, entry.message.peer, tag))
-        works = self.transport.post_batch(messages)
+        works = self.transport.post_batch(messages, bucket=bucket, step=self._step)
         if len(works) == len(messages):  # one Work per message (gloo): each names its own peer
             rnd.pending += [_Pending(w, f"round {plan.round_index}", (m[2],)) for w, m in zip(works, messages)]
         else:  # coalesced (NCCL): the Work stands for every peer of the batch
