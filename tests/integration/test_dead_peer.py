@@ -16,6 +16,8 @@ from test_watchdog import assert_stopped_in_time_and_nothing_left, caught, run_j
 CASES = {
     "native": ("--algorithm", "native", "--at", "3"),
     "tree": ("--algorithm", "tree", "--at", "3"),
+    # rank 0 reaches its next post after the pair has closed: posting raises at once
+    "tree-posting-to-a-closed-pair": ("--algorithm", "tree", "--at", "3", "--step-sleep", "1.0"),
     "auto-while-tuning": ("--algorithm", "auto", "--at", "2"),
     "auto-after-tuning": ("--algorithm", "auto", "--auto-repetitions", "1", "--at", "9", "--max-steps", "14"),
 }
