@@ -382,7 +382,9 @@ class FireCaffeStrategy(DDPStrategy):
         # gloo's interface: the one routing to MASTER_ADDR, or a clear error for a wrong GLOO_SOCKET_IFNAME
         # (undone at teardown: a later Trainer in this process, or the user's own code, finds os.environ as it was)
         if needs_gloo_interface(self._get_process_group_backend(), self.world_size):
-            self._gloo_interface = configure_gloo_interface(self.cluster_environment.main_address, self.local_rank == 0)
+            self._gloo_interface = configure_gloo_interface(
+                self.cluster_environment.main_address, announce=self.local_rank == 0
+            )
             self.selected_gloo_interface = self._gloo_interface.name if self._gloo_interface.chosen else None
         super().setup_environment()
         trainer = trainer_of(self.lightning_module)
