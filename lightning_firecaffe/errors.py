@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import re
 
+_CHECK_ONE, _CHECK_SEVERAL = "Check that rank's log: it", "Check those ranks' logs: they"
 _CLOSED_WORDS = ("closed", "reset", "broken", "eof", "connection refused", "pair closure")
 
 
 class PeerStallError(RuntimeError):
     """A peer did not answer within the stall timeout, or its connection broke (it probably died)."""
 
-    def __init__(self, message: str, peers: list[int] = (), closed: bool = False):
+    def __init__(
+        self,
+        message: str,
+        peers: list[int] = (),
+        closed: bool = False,
+        bucket: int | None = None,
+        step: int | None = None,
+    ):
         super().__init__(message)
         self.peers = list(peers)
         self.closed = bool(closed)  # True: the peer closed its connection; False: it was silent
+        self.bucket, self.step = bucket, step  # where it happened, when known
 
     def __reduce__(self):  # pickles whole (spawn launcher, submitit results): peers are not in ``args``
-        return type(self), (str(self), self.peers, self.closed)
+        return type(self), (str(self), self.peers, self.closed, self.bucket, self.step)
 
 
 def first_line(exc: BaseException | None, default: str = "timed out") -> str:
@@ -62,16 +71,32 @@ def peer_error(
     ``closed``: what a census found, when ``exc`` (a collective's error) cannot say."""
     peers = sorted(set(peers) - {rank, -1})
     closed = closed_connection(exc) if closed is None else closed
-    happened = "closed its connection (it probably died)" if closed else f"did not answer within {timeout_s:g} s"
-    names = ", ".join(f"rank {r}" for r in peers) or "a peer"
+    several = len(peers) > 1
+    if closed:
+        happened = (
+            "closed their connections (they probably died)" if several else "closed its connection (it probably died)"
+        )
+    else:
+        happened = f"did not answer within {timeout_s:g} s"
     where = f"of gradient bucket {bucket} " if bucket is not None else ""
     return PeerStallError(
-        f"FireCaffe {what} on rank {rank}: {names} {happened} while {doing} {where}at training step {step}. "
-        f"Check that rank's log: it may have crashed, been killed, or be stuck outside training. "
-        f"(cause: {first_line(exc)})",
+        f"FireCaffe {what} on rank {rank}: {name_ranks(peers)} {happened} while {doing} {where}at training step "
+        f"{step}. {_CHECK_SEVERAL if several else _CHECK_ONE} may have crashed, been killed, or be stuck outside "
+        f"training. (cause: {first_line(exc)})",
         peers,
         closed=closed,
+        bucket=bucket,
+        step=step,
     )
+
+
+def name_ranks(ranks: list[int]) -> str:
+    """``rank 2``, ``ranks 2 and 3``, ``ranks 1, 2 and 3``; ``a peer`` for none."""
+    if not ranks:
+        return "a peer"
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return f"ranks {', '.join(map(str, ranks[:-1]))} and {ranks[-1]}"
 
 
 _WRAPPED = re.compile(

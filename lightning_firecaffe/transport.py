@@ -154,7 +154,14 @@ class Transport:
 
 
 def name_the_missing(
-    census: dict[int, str], rank: int, doing: str, *, step: int, timeout_s: float, cause: BaseException | None
+    census: dict[int, str],
+    rank: int,
+    doing: str,
+    *,
+    step: int,
+    timeout_s: float,
+    cause: BaseException | None,
+    bucket: int | None = None,
 ) -> PeerStallError | None:
     """A :class:`PeerStallError` naming the peers a census found closed (dead), else the silent ones;
     None if every peer answered (the failure was not a missing peer)."""
@@ -163,5 +170,5 @@ def name_the_missing(
     if not closed and not silent:
         return None
     return peer_error(
-        rank, closed or silent, doing, bucket=None, step=step, timeout_s=timeout_s, exc=cause, closed=bool(closed)
+        rank, closed or silent, doing, bucket=bucket, step=step, timeout_s=timeout_s, exc=cause, closed=bool(closed)
     )
