@@ -9,7 +9,7 @@ arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wir
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,8 +29,12 @@ from ..large_batch import (
     check_warmup,
     check_warmup_fits,
     get_preset,
+    lr_owner,
 )
 from ..options import is_int, is_number, require
+
+# lr_owner lived here before models stopped importing callbacks; re-exported for code that imports it from here.
+__all__ = ["DEFAULTS", "LargeBatchScaling", "lr_owner", "resolve_settings"]
 
 # The one owner of the defaults: used where neither the constructor nor a preset says otherwise (the
 # Hydra config sets only what a run changes, so a preset applies without nulls).
@@ -62,12 +66,6 @@ def resolve_settings(preset: str | None, explicit: dict[str, Any], owner: str = 
     return settings
 
 
-def lr_owner(callbacks: Iterable[Any]) -> LargeBatchScaling | None:
-    """The callback among ``callbacks`` that sets the learning rate every step, if any: it owns the LR (and
-    logs it), so a model must not schedule the LR itself."""
-    return next((c for c in callbacks if isinstance(c, LargeBatchScaling)), None)
-
-
 class LargeBatchScaling(Callback):
     """Scale, warm up and decay the LR of every param group, per optimizer step, from the global batch.
 
@@ -90,6 +88,8 @@ class LargeBatchScaling(Callback):
         log_name: metric name of the logged LR (first param group; ``name-i`` for optimizer ``i`` > 0).
         verbose: rank 0 logs one summary line when the LR plan is resolved.
     """
+
+    owns_learning_rate = True  # read by large_batch.lr_owner: a model must not schedule the LR beside it
 
     def __init__(
         self,

@@ -1,6 +1,7 @@
 """Large-batch hyper-parameters as pure logic (no Lightning): LR scaling, warm-up, decay, LARS, presets."""
 
 from .lars import apply_lars, is_lars_exempt, trust_ratio
+from .ownership import lr_owner
 from .presets import PRESETS, Preset, get_preset
 from .rules import (
     DECAYS,
@@ -33,6 +34,7 @@ __all__ = [
     "decay_factor",
     "get_preset",
     "is_lars_exempt",
+    "lr_owner",
     "scale_factor",
     "trust_ratio",
     "warmup_limit",
