@@ -61,3 +61,42 @@ def plot_speedup(curves: dict[str, list[tuple[int, float, float]]], path: Path, 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_time_to_accuracy(runs, target: float, path: Path, title: str = "") -> None:
+    """Validation top-1 against training wall-clock: one colour per configuration, its seeds' median as a
+    line and their min-max as a band (on a common time grid), diverged seeds dotted, the target dashed."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    configs = list(dict.fromkeys(r.config for r in runs))
+    for i, name in enumerate(configs):
+        color = f"C{i % 10}"
+        mine = [r for r in runs if r.config == name and r.points]
+        for r in (r for r in mine if r.diverged):
+            ax.plot([p.seconds for p in r.points], [100 * p.top1 for p in r.points], ":", color=color, alpha=0.6)
+        healthy = [r for r in mine if not r.diverged]
+        if not healthy:
+            continue
+        end = min(r.points[-1].seconds for r in healthy)
+        grid = np.linspace(min(r.points[0].seconds for r in healthy), end, 60)
+        # step curves: the top-1 last measured at each time
+        ys = np.array(
+            [np.interp(grid, [p.seconds for p in r.points], [100 * p.top1 for p in r.points]) for r in healthy]
+        )
+        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.15, linewidth=0)
+        label = f"{name} ({len(healthy)} seeds" + (
+            f", {len(mine) - len(healthy)} diverged)" if len(mine) > len(healthy) else ")"
+        )
+        ax.plot(grid, np.median(ys, axis=0), "-", color=color, label=label)
+    ax.axhline(100 * target, color="black", linestyle="--", linewidth=1, label=f"target {100 * target:.1f} %")
+    ax.set_xlabel("training wall-clock (s, validation excluded)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
