@@ -81,7 +81,7 @@ def plot_time_to_accuracy(runs, target: float, path: Path, title: str = "") -> N
             continue
         end = min(r.points[-1].seconds for r in healthy)
         grid = np.linspace(min(r.points[0].seconds for r in healthy), end, 60)
-        # step curves: the top-1 last measured at each time
+        # linear between validations
         ys = np.array(
             [np.interp(grid, [p.seconds for p in r.points], [100 * p.top1 for p in r.points]) for r in healthy]
         )
