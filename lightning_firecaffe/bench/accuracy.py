@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -20,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .time_to_accuracy import Run, compare, format_table, read_curve
+from .time_to_accuracy import Point, Run, compare, format_table, read_curve
 
 DIVERGED_EXIT_CODE = 3  # lightning_firecaffe.train.DIVERGED_EXIT_CODE (not imported: it pulls in Hydra's app)
 REFERENCE_BATCH = 32  # the demo's reference batch: model.lr is tuned there
@@ -154,8 +153,9 @@ def _progress(run: Run, done: int, total: int, started: float) -> str:
 
 def run_accuracy_bench(args: argparse.Namespace) -> int:
     from ..data import build_demo_set
-    from .plots import plot_time_to_accuracy
 
+    if args.report:
+        return re_report(args)
     configs = [] if args.no_defaults else default_configurations()
     configs += [parse_configuration(text) for text in args.config or []]
     if args.only:
@@ -186,23 +186,52 @@ def run_accuracy_bench(args: argparse.Namespace) -> int:
                 run = run_one(config, seed, out / "runs" / config.name / f"seed{seed}", args, cluster)
                 runs.append(run)
                 print(_progress(run, len(runs), total, started), flush=True)
-    target, summaries = compare(runs, args.baseline, args.target, same_batch_rows(configs))
     where = f"emulated cluster, {args.hosts} hosts, {args.hosts_rate} links" if args.hosts else "loopback"
+    report(runs, configs, args, out, where, common_overrides(args))
+    return 0
+
+
+def report(
+    runs: list[Run],
+    configs: list[Configuration],
+    args: argparse.Namespace,
+    out: Path,
+    where: str,
+    common: list[str],
+    argv: list[str] | None = None,
+) -> None:
+    """Summarise ``runs``: print the table, write ``accuracy.json`` (every curve included) and the PNG."""
+    from .plots import plot_time_to_accuracy
+
+    target, summaries = compare(runs, args.baseline, args.target, same_batch_rows(configs))
+    seeds = sorted({r.seed for r in runs})
     table = format_table(target, summaries, args.baseline)
     print(f"\n{where}; budget {args.budget_s:g} s of training per run, {len(seeds)} seeds\n{table}")
-    report = {
+    document = {
         "where": where,
-        "argv": sys.argv[1:],
+        "argv": argv if argv is not None else sys.argv[1:],
+        "budget_s": args.budget_s,
         "target": target,
         "baseline": args.baseline,
-        "common_overrides": common_overrides(args),
+        "common_overrides": common,
         "configurations": [asdict(c) for c in configs],
         "summaries": [asdict(s) for s in summaries],
         "runs": [asdict(r) for r in runs],
     }
-    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(document, indent=1))
     plot_time_to_accuracy(runs, target, out / "accuracy.png", title=f"NiN on the demo set, {where}")
     print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.png'}")
+
+
+def re_report(args: argparse.Namespace) -> int:
+    """``--report FILE``: summarise the runs of an earlier ``accuracy.json`` again (another ``--target`` or
+    ``--baseline``) without running anything."""
+    doc = json.loads(Path(args.report).read_text())
+    runs = [Run(**{**r, "points": [Point(**p) for p in r["points"]]}) for r in doc["runs"]]
+    configs = [Configuration(c["name"], tuple(c["overrides"])) for c in doc["configurations"]]
+    args.budget_s = doc.get("budget_s", args.budget_s)
+    report(runs, configs, args, Path(args.out).resolve(), doc["where"], doc["common_overrides"], doc["argv"])
     return 0
 
 
@@ -227,8 +256,5 @@ def add_accuracy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hosts-rate", default="1gbit", help="link rate of the emulated cluster")
     parser.add_argument("--demo", default=None, help="demo shards folder (default: the cache)")
     parser.add_argument("--startup-s", type=float, default=240, help="allowance per run beyond the budget")
+    parser.add_argument("--report", default=None, help="re-summarise an earlier accuracy.json instead of running")
     parser.add_argument("--out", default="bench_results/accuracy")
-
-
-def environment_note() -> str:
-    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"

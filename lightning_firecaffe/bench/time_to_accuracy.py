@@ -1,10 +1,13 @@
 """Time to accuracy, FireCaffe's own measure, as pure functions of the runs' validation curves.
 
 A run's curve is its validation top-1 (a fraction) against training wall-clock seconds (validation passes
-excluded: :class:`~lightning_firecaffe.callbacks.TrainingClock`). A configuration's time to a target is the
-median over its seeds of the first validation at or above the target (a seed that never gets there counts
-as never, so a configuration whose seeds mostly miss has no time); the default target is the baseline's
-final mean top-1 minus half a point. Nothing here reads files or starts processes.
+excluded: :class:`~lightning_firecaffe.callbacks.TrainingClock`). Validations come at fixed image counts, so
+the seeds of a configuration validate at the same points: its mean curve averages the k-th validation of
+every seed that did not diverge (time and top-1), up to the last one they all reached. Its time to a target
+is the first point of that mean curve at or above the target (a per-seed median would call a baseline that
+ends at its own mean "never" whenever half its seeds end below it); the default target is the baseline's
+final mean top-1 (its mean curve's last point) minus half a point. Nothing here reads files or starts
+processes.
 """
 
 from __future__ import annotations
@@ -66,6 +69,22 @@ def time_to_target(points: Sequence[Point], target: float) -> float | None:
     return next((p.seconds for p in points if p.top1 >= target), None)
 
 
+def mean_curve(runs: Sequence[Run]) -> list[Point]:
+    """The k-th validation averaged over the seeds that did not diverge, up to the last all of them reached."""
+    curves = [r.points for r in runs if not r.diverged and r.points]
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [
+        Point(
+            statistics.mean(c[k].seconds for c in curves),
+            statistics.mean(c[k].images for c in curves),
+            statistics.mean(c[k].top1 for c in curves),
+        )
+        for k in range(n)
+    ]
+
+
 def median_time(times: Sequence[float | None]) -> float | None:
     """Median over seeds with a seed that never reached counted as infinitely late; ``None`` when that median
     is itself never (most seeds missed)."""
@@ -81,10 +100,10 @@ def spread(values: Sequence[float]) -> float:
 
 
 def default_target(baseline: Sequence[Run]) -> float:
-    finals = [r.final_top1 for r in baseline if r.final_top1 is not None and not r.diverged]
-    if not finals:
+    curve = mean_curve(baseline)
+    if not curve:
         raise ValueError("the baseline has no finished run: no default target (pass --target)")
-    return statistics.mean(finals) - TARGET_MARGIN
+    return curve[-1].top1 - TARGET_MARGIN
 
 
 @dataclass
@@ -93,8 +112,8 @@ class Summary:
 
     config: str
     seeds: int
-    time_to_target: float | None
-    seed_times: list[float | None]
+    time_to_target: float | None  # first point of the mean curve at or above the target
+    seed_times: list[float | None]  # each seed's own first validation at or above it (None: never)
     final_mean: float | None
     final_spread: float | None
     images_per_s: float | None
@@ -112,7 +131,7 @@ def summarise(runs: Sequence[Run], target: float) -> Summary:
     return Summary(
         config=runs[0].config,
         seeds=len(runs),
-        time_to_target=median_time(times),
+        time_to_target=time_to_target(mean_curve(runs), target),
         seed_times=times,
         final_mean=statistics.mean(finals) if finals else None,
         final_spread=spread(finals) if finals else None,
@@ -153,8 +172,8 @@ def _fmt(x: float | None, spec: str, none: str = "never") -> str:
 
 def format_table(target: float, summaries: Sequence[Summary], baseline: str) -> str:
     lines = [
-        f"target top-1 {100 * target:.2f} %; speedups are times to target against {baseline} "
-        "(median over seeds; 'never': most seeds did not reach it)",
+        f"target top-1 {100 * target:.2f} %; times to target are the seeds' mean curve's, speedups against "
+        f"{baseline}; 'reached': seeds that got there on their own",
         f"{'configuration':<22} {'to target s':>11} {'reached':>7} {'final top-1 %':>15} {'images/s':>9} "
         f"{'diverged':>8} {'vs base':>8} {'vs ddp same batch':>18}",
     ]
