@@ -65,7 +65,8 @@ def plot_speedup(curves: dict[str, list[tuple[int, float, float]]], path: Path, 
 
 def plot_time_to_accuracy(runs, target: float, path: Path, title: str = "") -> None:
     """Validation top-1 against training wall-clock: one colour per configuration, its seeds' median as a
-    line and their min-max as a band (on a common time grid), diverged seeds dotted, the target dashed."""
+    line (ddp rows dashed) and their min-max as a band (on a common time grid), diverged seeds dotted, the
+    target as a black line."""
     import numpy as np
 
     plt = _pyplot()
@@ -89,8 +90,9 @@ def plot_time_to_accuracy(runs, target: float, path: Path, title: str = "") -> N
         label = f"{name} ({len(healthy)} seeds" + (
             f", {len(mine) - len(healthy)} diverged)" if len(mine) > len(healthy) else ")"
         )
-        ax.plot(grid, np.median(ys, axis=0), "-", color=color, label=label)
-    ax.axhline(100 * target, color="black", linestyle="--", linewidth=1, label=f"target {100 * target:.1f} %")
+        style = "--" if name.startswith("ddp") else "-"  # the baselines dashed
+        ax.plot(grid, np.median(ys, axis=0), style, color=color, label=label, linewidth=2 if name == "ddp" else 1.4)
+    ax.axhline(100 * target, color="black", linestyle="-.", linewidth=1, label=f"target {100 * target:.1f} %")
     ax.set_xlabel("training wall-clock (s, validation excluded)")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title)
