@@ -13,10 +13,9 @@ processes.
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TIME, IMAGES, TOP1 = "time/train_s", "time/images", "val/top1"
 TARGET_MARGIN = 0.005  # half a point of top-1 below the baseline's final mean
@@ -85,15 +84,6 @@ def mean_curve(runs: Sequence[Run]) -> list[Point]:
     ]
 
 
-def median_time(times: Sequence[float | None]) -> float | None:
-    """Median over seeds with a seed that never reached counted as infinitely late; ``None`` when that median
-    is itself never (most seeds missed)."""
-    if not times:
-        return None
-    value = statistics.median([math.inf if t is None else t for t in times])
-    return None if math.isinf(value) else value
-
-
 def spread(values: Sequence[float]) -> float:
     """Population standard deviation (0 for one value), as in the project's accuracy tables."""
     return statistics.pstdev(values) if len(values) > 1 else 0.0
@@ -121,7 +111,6 @@ class Summary:
     speedup: float | None = None  # against the baseline's time to target
     speedup_same_batch: float | None = None  # against the named ddp row of the same batch
     same_batch_as: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def summarise(runs: Sequence[Run], target: float) -> Summary:
