@@ -31,7 +31,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, read_write
 
 from . import app_checks
+from .large_batch import TrainingDiverged
 
+DIVERGED_EXIT_CODE = 3  # the divergence guard stopped the run (LargeBatchScaling, callbacks.large_batch.guard)
 CONFIG_PATH = "conf"  # relative to this file: lightning_firecaffe/conf -> ../conf
 CONFIG_NAME = "config"
 CONFIG_DIR = str(Path(__file__).resolve().parent / CONFIG_PATH)
@@ -272,6 +274,18 @@ def report(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _diverged_cause(exc: BaseException | None) -> TrainingDiverged | None:
+    """The divergence guard's exception behind ``exc``, if any. Lightning's teardown after an exception ends
+    the DataLoader workers, and torch's SIGCHLD handler then raises its own error on top of ours."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TrainingDiverged):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
@@ -279,6 +293,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except app_checks.ConfigError as exc:  # no traceback: the message names the keys to change
         print(f"firecaffe-train: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Exception as exc:
+        diverged = _diverged_cause(exc)
+        if diverged is None:
+            raise
+        # the divergence guard: the message names the step, the LR and the settings to change
+        print(f"firecaffe-train: {diverged}", file=sys.stderr, flush=True)
+        raise SystemExit(DIVERGED_EXIT_CODE) from None
     return summary["val_top1"]  # the objective for Hydra sweepers
 
 

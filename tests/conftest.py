@@ -14,3 +14,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def built_demo_set():
+    """The default demo shards in the cache, built once here (~15 s) rather than by every rank of the first
+    job that needs them at the same time (each rank of a 4-rank SLURM job would build its own copy)."""
+    from lightning_firecaffe.data import build_demo_set
+
+    return build_demo_set()

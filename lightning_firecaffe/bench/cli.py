@@ -1,4 +1,5 @@
-"""``firecaffe-bench``: ``comm`` (measure all-reduce), ``plan`` (predict scaling), ``train`` (end to end)."""
+"""``firecaffe-bench``: ``comm`` (measure all-reduce), ``plan`` (predict scaling), ``train`` (end to end),
+``accuracy`` (time to accuracy of the real app)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_train_bench(args)
 
 
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from .accuracy import run_accuracy_bench
+
+    return run_accuracy_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firecaffe-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(fn=cmd_train)
+
+    accuracy = sub.add_parser(
+        "accuracy", help="time to a target top-1 of firecaffe-train per configuration (Hydra overrides) and seed"
+    )
+    from .accuracy import add_accuracy_arguments
+
+    add_accuracy_arguments(accuracy)
+    accuracy.set_defaults(fn=cmd_accuracy)
     return parser
 
 

@@ -61,3 +61,51 @@ def plot_speedup(curves: dict[str, list[tuple[int, float, float]]], path: Path, 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_time_to_accuracy(runs, target: float, path: Path, title: str = "") -> None:
+    """Validation top-1 against training wall-clock: per configuration its seeds' mean curve (the curve the
+    time to target is read from; ddp rows dashed) and the seeds' min-max as a band, diverged seeds dotted,
+    the target as a black line."""
+    import numpy as np
+
+    from .time_to_accuracy import mean_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    configs = list(dict.fromkeys(r.config for r in runs))
+    for i, name in enumerate(configs):
+        color = f"C{i % 10}"
+        mine = [r for r in runs if r.config == name and r.points]
+        for r in (r for r in mine if r.diverged):
+            ax.plot([p.seconds for p in r.points], [100 * p.top1 for p in r.points], ":", color=color, alpha=0.6)
+        healthy = [r for r in mine if not r.diverged]
+        if not healthy:
+            continue
+        grid = np.linspace(min(r.points[0].seconds for r in healthy), min(r.points[-1].seconds for r in healthy), 60)
+        ys = np.array(
+            [np.interp(grid, [p.seconds for p in r.points], [100 * p.top1 for p in r.points]) for r in healthy]
+        )
+        ax.fill_between(grid, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.12, linewidth=0)
+        curve = mean_curve(healthy)
+        diverged = len(mine) - len(healthy)
+        label = f"{name} ({len(healthy)} seeds" + (f", {diverged} diverged)" if diverged else ")")
+        style = "--" if name.startswith("ddp") else "-"  # the baselines dashed
+        ax.plot(
+            [p.seconds for p in curve],
+            [100 * p.top1 for p in curve],
+            style,
+            color=color,
+            label=label,
+            linewidth=2.2 if name == "ddp" else 1.4,
+        )
+    ax.axhline(100 * target, color="black", linestyle="-.", linewidth=1, label=f"target {100 * target:.1f} %")
+    ax.set_xlabel("training wall-clock (s, validation excluded); line: mean over seeds, band: min-max")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -2,5 +2,6 @@
 
 from .comm_telemetry import CommTelemetry
 from .large_batch import LargeBatchScaling
+from .training_clock import TrainingClock
 
-__all__ = ["CommTelemetry", "LargeBatchScaling"]
+__all__ = ["CommTelemetry", "LargeBatchScaling", "TrainingClock"]

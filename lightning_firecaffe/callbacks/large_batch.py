@@ -9,10 +9,12 @@ arithmetic lives in :mod:`lightning_firecaffe.large_batch`; this module only wir
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -21,16 +23,25 @@ from typing_extensions import override
 from ..large_batch import (
     DECAYS,
     SCALING_RULES,
+    DivergenceRule,
+    LossHistory,
     LRPlan,
+    TrainingDiverged,
     apply_lars,
     check_choice,
     check_decay_params,
     check_lr,
     check_warmup,
     check_warmup_fits,
+    clip_threshold,
     get_preset,
+    lr_owner,
+    warmup_for_batch,
 )
 from ..options import is_int, is_number, require
+
+# lr_owner lived here before models stopped importing callbacks; re-exported for code that imports it from here.
+__all__ = ["DEFAULTS", "LargeBatchScaling", "lr_owner", "resolve_settings"]
 
 # The one owner of the defaults: used where neither the constructor nor a preset says otherwise (the
 # Hydra config sets only what a run changes, so a preset applies without nulls).
@@ -48,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": None,
     "lars": False,
     "lars_eta": 0.001,  # You et al.'s trust coefficient
+    "warmup_per_multiple": 0.0,  # warm-up grows by this many `unit`s per batch multiple above reference_batch
+    "clip_factor": None,  # clip the global gradient norm at this x its median over the last 20 steps
+    "decay_biases": True,  # False: param groups of biases / norm parameters (<= 1-d) get no weight decay
+    "guard": True,  # stop a diverging run (non-finite loss, or guard_factor x its recent median)
+    "guard_factor": 5.0,
     "log_name": "lr",
     "verbose": True,
 }
@@ -60,12 +76,6 @@ def resolve_settings(preset: str | None, explicit: dict[str, Any], owner: str = 
         settings.update(get_preset(preset, owner).callback_settings())
     settings.update({k: v for k, v in explicit.items() if v is not None})
     return settings
-
-
-def lr_owner(callbacks: Iterable[Any]) -> LargeBatchScaling | None:
-    """The callback among ``callbacks`` that sets the learning rate every step, if any: it owns the LR (and
-    logs it), so a model must not schedule the LR itself."""
-    return next((c for c in callbacks if isinstance(c, LargeBatchScaling)), None)
 
 
 class LargeBatchScaling(Callback):
@@ -89,7 +99,18 @@ class LargeBatchScaling(Callback):
         lars_eta: LARS trust coefficient (You et al.: 0.001).
         log_name: metric name of the logged LR (first param group; ``name-i`` for optimizer ``i`` > 0).
         verbose: rank 0 logs one summary line when the LR plan is resolved.
+        warmup_per_multiple: the warm-up grows by this many ``unit``\\ s per batch multiple above the
+            reference (Goyal et al.'s fixed epochs shrink in iterations as the batch grows).
+        clip_factor: clip the global gradient norm (after the all-reduce, so every rank clips alike) at this
+            multiple of its median over the previous 20 steps; ``None``: no clipping.
+        decay_biases: ``False`` sets weight decay 0 in every param group that holds only biases /
+            normalisation parameters (<= 1-d), instead of writing ``weight_decay`` into them.
+        guard: stop a diverging run: a non-finite loss, or a loss (averaged over ranks) above ``guard_factor``
+            x its median over the previous 20 steps, raises :class:`~lightning_firecaffe.large_batch.TrainingDiverged`
+            naming the step, the LR and the settings to change.
     """
+
+    owns_learning_rate = True  # read by large_batch.lr_owner: a model must not schedule the LR beside it
 
     def __init__(
         self,
@@ -109,6 +130,11 @@ class LargeBatchScaling(Callback):
         lars_eta: float | None = None,
         log_name: str | None = None,
         verbose: bool | None = None,
+        warmup_per_multiple: float | None = None,
+        clip_factor: float | None = None,
+        decay_biases: bool | None = None,
+        guard: bool | None = None,
+        guard_factor: float | None = None,
     ) -> None:
         explicit = dict(
             rule=rule,
@@ -126,6 +152,11 @@ class LargeBatchScaling(Callback):
             lars_eta=lars_eta,
             log_name=log_name,
             verbose=verbose,
+            warmup_per_multiple=warmup_per_multiple,
+            clip_factor=clip_factor,
+            decay_biases=decay_biases,
+            guard=guard,
+            guard_factor=guard_factor,
         )
         settings = _checked(resolve_settings(preset, explicit, type(self).__name__), type(self).__name__)
         self.preset = preset
@@ -139,6 +170,14 @@ class LargeBatchScaling(Callback):
         self.momentum, self.weight_decay = settings["momentum"], settings["weight_decay"]
         self.lars, self.lars_eta = settings["lars"], settings["lars_eta"]
         self.log_name, self.verbose = settings["log_name"], bool(settings["verbose"])
+        self.warmup_per_multiple: float = settings["warmup_per_multiple"]
+        self.clip_factor: float | None = settings["clip_factor"]
+        self.decay_biases: bool = settings["decay_biases"]
+        self.guard: bool = settings["guard"]
+        self.guard_factor: float = settings["guard_factor"]
+        self._grad_norms: deque[float] = deque(maxlen=20)
+        self._losses = LossHistory(DivergenceRule(factor=self.guard_factor))
+        self.clipped_steps = 0
 
         # Resolved at run time and checkpointed.
         self.lr_plan: LRPlan | None = None
@@ -169,6 +208,9 @@ class LargeBatchScaling(Callback):
         # A new fit starts from scratch; a checkpoint (restored after this hook) brings the state back.
         self.lr_plan = self.base_lrs = self.batch_layout = None
         self._checked_batch = False
+        self._grad_norms.clear()
+        self._losses = LossHistory(DivergenceRule(factor=self.guard_factor))
+        self.clipped_steps = 0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,6 +223,10 @@ class LargeBatchScaling(Callback):
                     rank_zero_warn(f"LargeBatchScaling: the optimizer has no {name!r}; {name}={value} ignored")
                     break
                 g[name] = value
+        if not self.decay_biases:
+            for g in groups:
+                if "weight_decay" in g and all(p.ndim <= 1 for p in g["params"]):
+                    g["weight_decay"] = 0.0
         if trainer.lr_scheduler_configs:
             rank_zero_warn(
                 "LargeBatchScaling sets the LR of every param group each step; the LR scheduler(s) returned by "
@@ -225,11 +271,56 @@ class LargeBatchScaling(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.lr_plan is None:
             return
+        if self.clip_factor is not None:
+            self._clip(optimizer)
         if self.lars:
             apply_lars(optimizer.param_groups, eta=self.lars_eta)
         index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         name = self.log_name if index == 0 else f"{self.log_name}-{index}"
         pl_module.log(name, float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.guard or self.lr_plan is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        # averaged over ranks: every rank reaches the same verdict at the same step (no rank is left waiting)
+        mean = float(trainer.strategy.reduce(loss.detach().float().clone(), reduce_op="mean"))
+        verdict = self._losses.observe(mean)
+        if verdict is not None:
+            step = trainer.global_step - 1  # the optimizer step this loss was computed for
+            raise TrainingDiverged(step, self.lr_at(max(step, 0))[0], mean, verdict, self._advice())
+
+    def _advice(self) -> str:
+        s = self.lr_plan
+        assert s is not None
+        hints = [
+            f"lower the peak LR {s.peak_lr:.4g} (callbacks.large_batch.base_lr, or rule=sqrt)",
+            f"lengthen the warm-up of {s.warmup_iters} iterations (callbacks.large_batch.warmup, warmup_per_multiple)",
+        ]
+        if self.clip_factor is None:
+            hints.append("clip gradient spikes (callbacks.large_batch.clip_factor=2)")
+        hints.append("or disable this check with callbacks.large_batch.guard=false")
+        return "To change: " + "; ".join(hints) + "."
+
+    @torch.no_grad()
+    def _clip(self, optimizer: Any) -> None:
+        """Clip the global gradient norm against its own recent history (identical on every rank: the
+        gradients are already all-reduced when this hook runs)."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        limit = clip_threshold(norm, self._grad_norms, self.clip_factor)
+        self._grad_norms.append(norm)
+        if limit is not None:
+            for g in grads:
+                g.mul_(limit / norm)
+            self.clipped_steps += 1
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -262,17 +353,19 @@ class LargeBatchScaling(Callback):
         s, lay = self.lr_plan, self.batch_layout or {}
         assert s is not None
         warm = f"warm-up {s.warmup_iters} iterations" if s.warmup_iters else "no warm-up"
+        extras = f", gradient norm clipped at {self.clip_factor:g}x its recent median" if self.clip_factor else ""
         decay = {"poly": f"poly(power={s.power:g})", "step": f"step(every {s.step_size} it, gamma={s.gamma:g})"}
         return (
             f"LargeBatchScaling: global batch {s.global_batch} = {lay.get('per_device')} per device x "
             f"{lay.get('world_size')} devices x {lay.get('accumulate')} accumulation; rule {s.rule} from "
             f"reference batch {s.reference_batch}: LR {s.base_lr:g} -> peak LR {s.peak_lr:g}; {warm}; "
-            f"decay {decay.get(s.decay, s.decay)}; {s.max_iter} iterations in total"
+            f"decay {decay.get(s.decay, s.decay)}; {s.max_iter} iterations in total{extras}"
         )
 
     def _build_lr_plan(self, global_batch: int) -> LRPlan:
         assert self._max_iter is not None and self.base_lrs
-        warmup_iters = self._to_iterations(self.warmup, "warmup") if self.warmup else 0
+        warmup = warmup_for_batch(self.warmup, self.warmup_per_multiple, global_batch, self.reference_batch)
+        warmup_iters = self._to_iterations(warmup, "warmup") if warmup else 0
         step_size = None
         if self.decay == "step":
             step_size = max(1, self._to_iterations(self.step_size, "step_size"))
@@ -321,6 +414,13 @@ def _checked(settings: dict[str, Any], owner: str) -> dict[str, Any]:
     require(isinstance(settings["lars"], bool), owner, "lars", settings["lars"], "must be true or false")
     eta = settings["lars_eta"]
     require(is_number(eta) and eta > 0, owner, "lars_eta", eta, "must be a number > 0")
+    per = settings["warmup_per_multiple"]
+    require(is_number(per) and per >= 0, owner, "warmup_per_multiple", per, "must be a number >= 0")
+    _check_optional_range(owner, "clip_factor", settings["clip_factor"], lambda c: c >= 1, "must be >= 1 (or null)")
+    for flag in ("decay_biases", "guard"):
+        require(isinstance(settings[flag], bool), owner, flag, settings[flag], "must be true or false")
+    gf = settings["guard_factor"]
+    require(is_number(gf) and gf > 1, owner, "guard_factor", gf, "must be a number > 1")
     name = settings["log_name"]
     require(isinstance(name, str) and bool(name), owner, "log_name", name, "must be a non-empty metric name")
     return settings

@@ -118,9 +118,9 @@ def write_shard(job) -> tuple[str, int, int, list]:
     """Write one shard; returns (file name, samples, bytes, skipped)."""
     import webdataset as wds
 
-    path, items, resize, quality = job
+    path, items, resize, quality, mtime = job
     written, skipped = 0, []
-    with wds.TarWriter(path) as sink:
+    with wds.TarWriter(path, mtime=mtime) as sink:
         for src, key, label in items:
             try:
                 data, ext = encode_image(src, resize, quality)
@@ -146,8 +146,11 @@ def write_shards(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    mtime: float | None = None,
 ) -> Summary:
-    """Write ``out_dir/<prefix>-NNNNNN.tar`` shards, ``classes.json`` and ``<prefix>-info.json``."""
+    """Write ``out_dir/<prefix>-NNNNNN.tar`` shards, ``classes.json`` and ``<prefix>-info.json``.
+
+    ``mtime``: the time stamp of every tar member (None: now); fixed, the same inputs give the same bytes."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
@@ -173,7 +176,13 @@ def write_shards(
     taken: set = set()
     keyed = [(p, _key(p, taken), index[c]) for p, c in items]
     jobs = [
-        (os.path.join(out_dir, f"{prefix}-{i // shard_size:06d}.tar"), keyed[i : i + shard_size], resize, quality)
+        (
+            os.path.join(out_dir, f"{prefix}-{i // shard_size:06d}.tar"),
+            keyed[i : i + shard_size],
+            resize,
+            quality,
+            mtime,
+        )
         for i in range(0, len(keyed), shard_size)
     ]
     counts = {}

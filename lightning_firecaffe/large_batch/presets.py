@@ -4,6 +4,10 @@
 that cites the paper): batch 1024, base LR 0.08, poly power 0.5, momentum 0.9, weight decay 2e-4,
 72 epochs, no warm-up. The reference batch is the recipe's own 1024, so at batch 1024 the LR is exactly
 the paper's; at other batches it is scaled linearly from there (Goyal et al.), e.g. 0.16 at 2048.
+Beyond the paper, for batches above the reference (measured on the demo set, docs/benchmarks.md "Time to
+accuracy"): a warm-up that grows by half an epoch per batch multiple above 1 (3.5 epochs more at 8x),
+the gradient norm clipped at 2x its recent median (the 8x divergence was one gradient spike of 17-35x at
+the peak LR), and no weight decay on biases and normalisation parameters.
 
 ``bvlc_googlenet``: the small-batch Caffe model-zoo reference that FireCaffe started from: batch 32,
 base LR 0.01, poly 0.5, momentum 0.9, weight decay 2e-4, 60 epochs. Scaled with ``sqrt`` from batch 32
@@ -34,6 +38,10 @@ class Preset:
     weight_decay: float
     batch_size: int
     max_epochs: int
+    # The large-batch fixes (see large_batch/divergence.py for the divergence they answer):
+    warmup_per_multiple: float = 0.0  # warm-up grows by this many `unit`s per batch multiple above the reference
+    clip_factor: float | None = None  # clip the gradient norm at this x its recent median (None: never)
+    decay_biases: bool = True  # False: no weight decay on biases / normalisation parameters
 
     def callback_settings(self) -> dict[str, Any]:
         d = asdict(self)
@@ -55,6 +63,9 @@ PRESETS: dict[str, Preset] = {
         weight_decay=2e-4,
         batch_size=1024,
         max_epochs=72,
+        warmup_per_multiple=0.5,
+        clip_factor=2.0,
+        decay_biases=False,
     ),
     "bvlc_googlenet": Preset(
         base_lr=0.01,

@@ -126,6 +126,18 @@ class LRPlan:
         return cls(**state)
 
 
+def warmup_for_batch(warmup: float, per_multiple: float, global_batch: int, reference_batch: int) -> float:
+    """Warm-up length (in the warm-up's unit) that grows with the batch multiple ``k = B / B_ref``:
+    ``warmup + per_multiple x (k - 1)`` (no growth at or below the reference batch).
+
+    Why: Goyal et al.'s 5 epochs are thousands of iterations on ImageNet but 30 at 8x on the demo set (6
+    steps per epoch); a warm-up fixed in epochs shrinks in iterations as the batch grows, exactly where the
+    peak LR it leads to grows.
+    """
+    k = global_batch / reference_batch
+    return warmup + per_multiple * max(k - 1.0, 0.0)
+
+
 def check_lr(option: str, value: float | None, owner: str = "large_batch") -> None:
     """Reject a negative, zero or non-finite learning rate (``None`` means "take it from the optimizer")."""
     if value is not None:

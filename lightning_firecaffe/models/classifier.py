@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from ..callbacks.large_batch import lr_owner
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from ..large_batch import lr_owner
 from ..options import InvalidOption, is_int, is_number, require, require_choice
 
 LR_POLICIES = ("fixed", "poly", "step")

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,10 @@ from omegaconf import OmegaConf
 
 SCRIPT = Path(sys.executable).with_name("firecaffe-train")
 # conf/hydra/launcher/submitit_slurm.yaml shadows (and lists every key of) the plugin's schema of the same name
-pytestmark = pytest.mark.filterwarnings("ignore:.*validated against ConfigStore schema")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*validated against ConfigStore schema"),
+    pytest.mark.usefixtures("built_demo_set"),
+]
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -69,6 +73,18 @@ def test_console_script_trains_three_steps_on_two_processes(tmp_path):
     logged = {int(row["step"]): float(row["lr"]) for row in rows if row["lr"]}
     assert sum(1 for row in rows if row["lr"]) == 3
     assert logged == pytest.approx({i: 0.02 * (1 - i / 3) ** 0.5 for i in range(3)})
+
+
+@pytest.mark.timeout(180)
+def test_the_default_run_trains_its_epoch_within_a_minute_and_the_guard_leaves_it_alone(tmp_path):
+    """README's first command, whole: 160 steps over the enlarged demo set, with the divergence guard on."""
+    start = time.perf_counter()
+    r = run_app(tmp_path)
+    s = summary_of(r, tmp_path / "logs")
+    print(f"default firecaffe-train: {time.perf_counter() - start:.0f} s in all, fit {s['fit_seconds']:.0f} s")
+    assert s["global_step"] == 160 and s["epochs"] == 1 and s["val_top1"] > 0.5  # chance is 0.1
+    assert s["fit_seconds"] < 60
+    assert "training diverged" not in r.stderr
 
 
 @pytest.mark.timeout(180)

@@ -139,7 +139,9 @@ def test_lars_in_training_moves_weights_by_eta_times_their_norm(tmp_path):
 
 def test_resume_continues_the_lr_sequence_exactly(tmp_path):
     def run(ckpt_path=None, ckpt_dir=None):
-        cb = LargeBatchScaling(reference_batch=2, warmup=1, unit="epoch", decay="poly", power=0.5)
+        # this toy diverges at LR 0.2 with momentum 0.9 (its loss goes 0.5 -> 1e4): the divergence guard would
+        # rightly stop it at step 4; this test is about the LR sequence across a resume, so the guard is off
+        cb = LargeBatchScaling(reference_batch=2, warmup=1, unit="epoch", decay="poly", power=0.5, guard=False)
         rec = LRRecorder()
         cbs = [cb, rec]
         if ckpt_dir is not None:

@@ -46,7 +46,7 @@ JOB_TIMEOUT = 120  # seconds a submitted job may take, queueing included
 
 
 @pytest.fixture(scope="module")
-def slurm():
+def slurm(built_demo_set):
     reason = check_prerequisites()
     if reason:
         print(f"\nSLURM tests skipped: {reason}", file=sys.stderr)

@@ -90,7 +90,13 @@ def test_default_config_is_the_embedded_demo(tmp_path):
     assert cfg.data._target_.endswith("demo_datamodule")
     assert cfg.strategy._target_ == "lightning_firecaffe.FireCaffeStrategy"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
-    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "requeue"}  # no LearningRateMonitor
+    assert set(cfg.callbacks) == {
+        "large_batch",
+        "checkpoint",
+        "progress_bar",
+        "requeue",
+        "training_clock",
+    }  # no LR monitor
     assert cfg.data.batch_size * cfg.trainer.devices == cfg.global_batch_size == 64
     # the demo's LR: 0.01 at batch 32, the only callback setting the run changes
     assert cfg.model.lr == 0.01
@@ -139,7 +145,14 @@ def test_logger_options_build_their_loggers(override, loggers, tmp_path):
 
 def test_lr_monitor_is_opt_in(tmp_path):
     cfg = compose_cfg(tmp_path, "callbacks=[demo,lr_monitor]")
-    assert set(cfg.callbacks) == {"large_batch", "checkpoint", "progress_bar", "requeue", "lr_monitor"}
+    assert set(cfg.callbacks) == {
+        "large_batch",
+        "checkpoint",
+        "progress_bar",
+        "requeue",
+        "training_clock",
+        "lr_monitor",
+    }
     assert cfg.callbacks.large_batch.reference_batch == 32
 
 
@@ -212,12 +225,12 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
         ),
         (["trainer.devices=auto"], "trainer.devices='auto' must be a positive integer"),
         (
-            ["callbacks.large_batch.warmup=8"],
+            ["callbacks.large_batch.warmup=8", "trainer.max_epochs=8"],
             "callbacks.large_batch.warmup=8 epochs is not shorter than training (trainer.max_epochs=8)",
         ),
         (
-            ["callbacks.large_batch.warmup=1", "trainer.max_steps=5"],
-            "callbacks.large_batch.warmup=1 epochs (= 25 steps of global_batch_size=64 over 1600 images) is not "
+            ["callbacks.large_batch.warmup=1", "trainer.max_epochs=2", "trainer.max_steps=5"],
+            "callbacks.large_batch.warmup=1 epochs (= 160 steps of global_batch_size=64 over 10240 images) is not "
             "shorter than trainer.max_steps=5",
         ),
         (["data=imagenet", "paths.imagenet=null"], "paths.imagenet is not set"),

@@ -222,3 +222,25 @@ def test_with_the_callback_the_lr_is_logged_once_per_step_by_it(tmp_path):
 def test_without_the_callback_the_model_schedules_and_logs_the_lr(tmp_path):
     model, _ = _fit_tiny(tmp_path, [], lr_policy="poly")
     assert model.schedules_lr and model.lr_logged_from == ["training_step"] * 4
+
+
+def test_the_lr_owner_is_whoever_declares_it_without_models_importing_callbacks():
+    import ast
+    import pathlib
+
+    from lightning_firecaffe.large_batch import lr_owner
+
+    class Declares:
+        owns_learning_rate = True
+
+    plain, claims = object(), Declares()
+    assert lr_owner([plain, claims]) is claims
+    assert lr_owner([plain]) is None
+    assert isinstance(lr_owner([LargeBatchScaling()]), LargeBatchScaling)
+    import lightning_firecaffe.models
+
+    models = pathlib.Path(lightning_firecaffe.models.__file__).parent
+    for source in models.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "callbacks" not in (node.module or ""), f"{source.name} imports {node.module}"
