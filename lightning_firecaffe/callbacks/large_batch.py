@@ -330,6 +330,11 @@ class LargeBatchScaling(Callback):
             "lr_plan": self.lr_plan.to_dict(),
             "base_lrs": list(self.base_lrs or []),
             "batch_layout": dict(self.batch_layout or {}),
+            # the histories clipping and the guard judge against: a resumed run clips exactly as an unbroken one
+            "grad_norms": list(self._grad_norms),
+            "losses": list(self._losses.losses),
+            "first_losses": list(self._losses.first),
+            "clipped_steps": self.clipped_steps,
         }
 
     @override
@@ -340,6 +345,12 @@ class LargeBatchScaling(Callback):
         self.base_lrs = [float(x) for x in state_dict["base_lrs"]]
         self.batch_layout = dict(state_dict["batch_layout"])
         self._checked_batch = False
+        self._grad_norms.clear()
+        self._grad_norms.extend(float(x) for x in state_dict.get("grad_norms", ()))  # absent in older checkpoints
+        self._losses = LossHistory(DivergenceRule(factor=self.guard_factor))
+        self._losses.losses.extend(float(x) for x in state_dict.get("losses", ()))
+        self._losses.first.extend(float(x) for x in state_dict.get("first_losses", ()))
+        self.clipped_steps = int(state_dict.get("clipped_steps", 0))
 
     # ----------------------------------------------------------------- helpers
     def lr_at(self, iteration: int) -> list[float]:

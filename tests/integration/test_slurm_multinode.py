@@ -46,6 +46,7 @@ EPOCHS_STEPS = 6
 EPOCHS = [
     *(o for o in TINY if not o.startswith("trainer.max_steps")),
     f"trainer.max_steps={EPOCHS_STEPS}",
+    "trainer.max_epochs=8",  # max_steps ends the run (the demo experiment alone trains one long epoch)
     "+trainer.limit_train_batches=2",
     "+trainer.limit_val_batches=1",
     "callbacks.requeue.at=epoch",

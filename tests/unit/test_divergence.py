@@ -82,3 +82,20 @@ def test_bad_fix_settings_are_refused_by_name(kwargs, option):
     with pytest.raises(InvalidOption) as err:
         LargeBatchScaling(**kwargs)
     assert err.value.option == option
+
+
+def test_the_histories_clipping_and_the_guard_judge_against_are_checkpointed():
+    from lightning_firecaffe.large_batch import LRPlan
+
+    cb = LargeBatchScaling(preset="firecaffe")
+    cb.lr_plan, cb.base_lrs, cb.batch_layout = LRPlan(0.1, 256, 32, 100), [0.1], {"per_device": 128}
+    cb._grad_norms.extend([3.0, 2.0, 51.0])
+    for loss in [2.3, 2.2, 1.9]:
+        cb._losses.observe(loss)
+    resumed = LargeBatchScaling(preset="firecaffe")
+    resumed.load_state_dict(cb.state_dict())
+    assert list(resumed._grad_norms) == [3.0, 2.0, 51.0]
+    assert list(resumed._losses.losses) == [2.3, 2.2, 1.9] and resumed._losses.first == [2.3, 2.2, 1.9]
+    legacy = {k: v for k, v in cb.state_dict().items() if k in ("lr_plan", "base_lrs", "batch_layout")}
+    resumed.load_state_dict(legacy)  # a checkpoint from before the histories: empty, not an error
+    assert not resumed._grad_norms and not resumed._losses.losses
