@@ -282,7 +282,7 @@ class GradientPath:
         """gloo's interface: the one routing to MASTER_ADDR, or a clear error for a wrong GLOO_SOCKET_IFNAME
         (undone by :meth:`restore_process`: later code in this process finds os.environ as it was)."""
         if needs_gloo_interface(backend, world_size):
-            self.gloo_interface = configure_gloo_interface(main_address, announce)
+            self.gloo_interface = configure_gloo_interface(main_address, announce=announce)
 
     @property
     def selected_gloo_interface(self) -> str | None:
