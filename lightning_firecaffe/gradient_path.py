@@ -78,6 +78,7 @@ class GradientPath:
         self.measured_link: LinkModel | None = None  # link="measure": what the start-up ping-pong found
         self.watchdog: Watchdog | None = None
         self.gloo_interface: GlooInterface | None = None  # what interface selection set, to undo at the end
+        self.selected_gloo_interface: str | None = None  # the interface FireCaffe chose (None: the user's)
         self._model: DistributedDataParallel | None = None
         self._device: torch.device | str = "cpu"
         self._link_model: LinkModel | None = None
@@ -283,12 +284,7 @@ class GradientPath:
         (undone by :meth:`restore_process`: later code in this process finds os.environ as it was)."""
         if needs_gloo_interface(backend, world_size):
             self.gloo_interface = configure_gloo_interface(main_address, announce=announce)
-
-    @property
-    def selected_gloo_interface(self) -> str | None:
-        """The interface FireCaffe chose for gloo (None: the user's, or none needed)."""
-        chosen = self.gloo_interface is not None and self.gloo_interface.chosen
-        return self.gloo_interface.name if chosen else None
+            self.selected_gloo_interface = self.gloo_interface.name if self.gloo_interface.chosen else None
 
     def start_watchdog(self, rank: int, world_size: int, launched_ranks: Callable[[], list[int]]) -> None:
         """The watchdog thread (after launch, in the process that trains)."""
