@@ -57,7 +57,7 @@ def assert_bitwise_equal(a: dict, b: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def popen_runs(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("fabric")
-    runs = [f"firecaffe:{c}" for c in CONFIGS] + ["firecaffe:ef", "firecaffe:ef_save"] + [f"ddp:{c}" for c in CONFIGS]
+    runs = [f"firecaffe:{c}" for c in CONFIGS] + ["firecaffe:ef"] + [f"ddp:{c}" for c in CONFIGS]
     return out, launch(out, *runs)
 
 
@@ -99,7 +99,8 @@ def test_spawn_launcher_and_fabric_run_give_ddps_weights(popen_runs, tmp_path):
 
 @pytest.mark.timeout(200)
 def test_save_then_load_in_a_fresh_run_continues_bitwise_like_a_straight_run(popen_runs):
-    """bf16 wire, error feedback, tuned auto: the checkpoint carries the residuals and auto's choices."""
+    """bf16 wire, error feedback, tuned auto: the checkpoint carries the residuals and auto's choices (the
+    straight run saved it on its way: tuned choices follow timings, so two straight runs may differ)."""
     out, _ = popen_runs
     launch(out, "firecaffe:ef_resume")
     for rank in (0, 1):

@@ -4,8 +4,9 @@
 first one's launcher starts the ranks; later ``Fabric`` objects find them launched). Every rank writes its
 final weights to ``OUT/<strategy>-<config>-rank<r>.pt``. Configs: ``plain``, ``accum`` (2 micro-batches
 under ``fabric.no_backward_sync``), ``bf16`` (bf16-mixed precision), ``ef`` (bf16 wire with error feedback,
-tuned ``auto``: 8 steps straight), ``ef_save`` (its first 4 steps, then ``fabric.save``), ``ef_resume``
-(``fabric.load``, then steps 4-7), ``stall`` (rank 1 sleeps in its own loop after step 3).
+tuned ``auto``: 8 steps straight, saving with ``fabric.save`` after step 3: tuned choices follow timings,
+so the straight run is the one that saved), ``ef_resume`` (``fabric.load``, then steps 4-7), ``stall``
+(rank 1 sleeps in its own loop after step 3).
 Works under ``fabric run`` too (no ``launch()`` then).
 """
 
@@ -20,7 +21,8 @@ from lightning.fabric import Fabric
 
 import lightning_firecaffe  # noqa: F401  (registers strategy="firecaffe" with Fabric)
 
-STEPS = {"ef": 8, "ef_save": 4, "ef_resume": 8}
+STEPS = {"ef": 8, "ef_resume": 8}
+SAVE_AT = 4  # ef: steps done when it saves
 BATCH = 8
 
 
@@ -38,9 +40,27 @@ def strategy_options(config: str, stall_timeout: float) -> dict:
     return {"stall_timeout": stall_timeout} if config == "stall" else {}
 
 
+class HeadFirst(torch.nn.Module):
+    """Parameters registered in the order backward produces their gradients, so DDP's first bucket (in
+    registration order) is laid out like the buckets it rebuilds after the first step. A resumed run's
+    first step runs before that rebuild: with a layout-dependent algorithm (``double_tree`` splits the
+    bucket by position, and the root of each half keeps that half's rounding residual) and error feedback,
+    a different first layout would change the bits. Tuned ``auto`` may pick such an algorithm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(64, 4, bias=False)
+        self.body = torch.nn.Linear(16, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
 def train(fabric: Fabric, name: str, config: str, out: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    if config.startswith("ef"):
+        model = HeadFirst()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model, optimizer = fabric.setup(model, optimizer)
     start, accumulate = 0, 2 if config == "accum" else 1
@@ -59,14 +79,14 @@ def train(fabric: Fabric, name: str, config: str, out: Path) -> None:
                 fabric.backward(loss / accumulate)
         optimizer.step()
         optimizer.zero_grad()
+        if config == "ef" and step + 1 == SAVE_AT:
+            fabric.save(checkpoint, {"model": model, "optimizer": optimizer, "step": SAVE_AT})
+            (out / f"saved-choices-rank{fabric.global_rank}.json").write_text(json.dumps(auto_choices(fabric)))
         if hasattr(fabric.strategy, "comm_metrics"):
             fabric.log_dict(fabric.strategy.comm_metrics(), step=step)
         if config == "stall" and step == 3 and fabric.global_rank == 1:
             (out / "fault_at").write_text(str(time.time()))
             time.sleep(300)  # the user's own code hangs between steps (finite: a leftover cannot live forever)
-    if config == "ef_save":
-        fabric.save(checkpoint, {"model": model, "optimizer": optimizer, "step": STEPS[config]})
-        (out / f"saved-choices-rank{fabric.global_rank}.json").write_text(json.dumps(auto_choices(fabric)))
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(weights, out / f"{name}-{config}-rank{fabric.global_rank}.pt")
     if hasattr(fabric.strategy, "comm_stats"):
