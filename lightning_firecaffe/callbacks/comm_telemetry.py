@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from ..comm.telemetry import step_metrics
+
 
 class CommTelemetry(Callback):
     """Logs ``firecaffe/exposed_s`` (not hidden behind backward), ``firecaffe/busy_s`` and bytes
@@ -34,19 +36,7 @@ class CommTelemetry(Callback):
         if stats is None or stats.completed_steps == self._logged_steps:
             return  # no new optimizer step (e.g. accumulating gradients)
         self._logged_steps = stats.completed_steps
-        last = stats.last()
-        pl_module.log_dict(
-            {
-                "firecaffe/exposed_s": float(last.exposed_s),
-                "firecaffe/busy_s": float(last.busy_s),
-                "firecaffe/bytes_sent": float(last.bytes_sent),
-                "firecaffe/bytes_received": float(last.bytes_received),
-                **({"firecaffe/bytes_saved": float(last.bytes_saved)} if stats.wire_format else {}),
-            },
-            on_step=True,
-            on_epoch=False,
-            sync_dist=False,
-        )
+        pl_module.log_dict(step_metrics(stats), on_step=True, on_epoch=False, sync_dist=False)
         fresh = {row["bytes"]: row for row in stats.tuning if row["bytes"] not in self._logged_choices}
         for nbytes, row in fresh.items():
             self._logged_choices.add(nbytes)

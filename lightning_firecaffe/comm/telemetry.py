@@ -133,6 +133,22 @@ class CommStats:
         )
 
 
+def step_metrics(stats: CommStats) -> dict[str, float]:
+    """The last optimizer step's figures as logger metrics (``log_dict``: the Trainer's and Fabric's)."""
+    last = stats.last()
+    if last is None:
+        return {}
+    metrics = {
+        "firecaffe/exposed_s": float(last.exposed_s),
+        "firecaffe/busy_s": float(last.busy_s),
+        "firecaffe/bytes_sent": float(last.bytes_sent),
+        "firecaffe/bytes_received": float(last.bytes_received),
+    }
+    if stats.wire_format:
+        metrics["firecaffe/bytes_saved"] = float(last.bytes_saved)
+    return metrics
+
+
 def describe_choice(row: dict) -> str:
     """One bucket size's outcome, e.g. ``1.05 MB -> native 12.3 ms (runner-up ring 14.0 ms)``."""
     text = f"{row['bytes'] / 1e6:.2f} MB -> {row['algorithm']}"

@@ -59,6 +59,8 @@ def classify(frames: list[Frame]) -> Whereabouts:
     if "/torch/distributed/" in path:
         caller = next((f for f in frames if "/torch/" not in _norm(f.file)), None)
         blocked = f"torch.distributed.{inner.function}" + (f" (called from {_short(caller)})" if caller else "")
+    elif path.endswith("lightning_firecaffe/transport.py"):  # FireCaffe's own waits for a peer (census, inline)
+        blocked = f"FireCaffe transport.{inner.function} (waiting for a peer)"
     elif path.endswith("torch/nn/parallel/distributed.py"):
         blocked = f"DistributedDataParallel.{inner.function} (a collective inside DDP)"
     elif "/torch/autograd/" in path or (path.endswith("torch/_tensor.py") and inner.function == "backward"):

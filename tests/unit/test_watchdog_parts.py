@@ -50,6 +50,9 @@ def test_backward_and_ddp_internals_count_as_waiting():
         "DistributedDataParallel"
         in classify([Frame(f"{SITE}/torch/nn/parallel/distributed.py", 1500, "_sync_buffers")]).blocked_in
     )
+    # FireCaffe's own waits for a peer (a census after a failed collective, NCCL's inline rounds)
+    census = classify([Frame(f"{SITE}/lightning_firecaffe/transport.py", 36, "wait_within")]).blocked_in
+    assert census.startswith("FireCaffe transport.wait_within")
 
 
 def test_stack_of_a_real_blocked_thread():
