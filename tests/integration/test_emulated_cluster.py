@@ -172,7 +172,7 @@ def test_links_are_shaped():
 
 
 @needs_cluster
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_run_torn_down_on_signal(sig):
     """`python -m lightning_firecaffe.testing.cluster run ... -- sleep` killed with SIGTERM or Ctrl-C leaves nothing."""
