@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import first_line
+from ..transport import wait_within
 
 log = logging.getLogger(__name__)
 
@@ -57,5 +58,7 @@ def probe_links(
 
 
 def _wait(work: Any, timeout: timedelta) -> None:
-    if work.wait(timeout=timeout) is False:
-        raise TimeoutError(f"no answer within {timeout.total_seconds():g} s")
+    """The transport's deadline-wait; a failure ends the probe (the report then goes without links)."""
+    failure = wait_within(work, timeout.total_seconds())
+    if failure is not None:
+        raise failure
