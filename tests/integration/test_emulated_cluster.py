@@ -171,6 +171,10 @@ def test_links_are_shaped():
     assert results[1].value["seconds"] >= 0.7, results[1].value
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_cluster
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -191,7 +195,11 @@ def test_cli_run_torn_down_on_signal(sig):
         "sleep",
         "300",
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as from a terminal: SIGINT at its default in the CLI, even where this worker inherited it ignored
+    # (an ignored SIGINT is inherited across exec, and the CLI then never hears the signal: seen under xdist)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     try:
         deadline = time.monotonic() + 60
         run_id = None
