@@ -8,23 +8,16 @@ naming the option and what it allows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from .comm.compression import WireFormat, wire_format
 from .comm.cost_model import LinkModel
 from .comm.schedules import algorithm_names, get_algorithm
-from .options import InvalidOption, is_int, require, require_choice
+from .options import InvalidOption, is_int, is_number, require, require_choice
 from .watchdog import ACTIONS
 from .watchdog.verdict import bad_allowances, merge_allowances
 
 OWNER = "FireCaffeStrategy"
-
-
-def _seconds(value: Any, minimum_exclusive: bool = True) -> bool:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return number and (value > 0 if minimum_exclusive else value >= 0)
 
 
 @dataclass(frozen=True)
@@ -91,10 +84,16 @@ class FireCaffeOptions:
 
     def _check_watchdog(self) -> None:
         timeout = self.stall_timeout
-        require(_seconds(timeout), OWNER, "stall_timeout", timeout, "must be a positive, finite number of seconds")
+        require(
+            is_number(timeout) and timeout > 0,
+            OWNER,
+            "stall_timeout",
+            timeout,
+            "must be a positive, finite number of seconds",
+        )
         require(isinstance(self.watchdog, bool), OWNER, "watchdog", self.watchdog, "must be True or False")
         require_choice(OWNER, "stall_action", self.stall_action, ACTIONS)
-        grace_ok = self.stall_grace is None or _seconds(self.stall_grace, minimum_exclusive=False)
+        grace_ok = self.stall_grace is None or (is_number(self.stall_grace) and self.stall_grace >= 0)
         require(grace_ok, OWNER, "stall_grace", self.stall_grace, "must be None or a finite number of seconds >= 0")
         problem = bad_allowances(self.stall_allowance)
         require(problem is None, OWNER, "stall_allowance", self.stall_allowance, problem or "")
