@@ -71,6 +71,9 @@ class UserModel(LightningModule):
             mark(f"choices-at-fault-rank{self.global_rank}.json", json.dumps(choices))
         if self.faulty() and self.global_step == args.at:
             if args.fault == "sigstop":
+                # run while watched first: the others see its heartbeat advance (a rank frozen before its second
+                # beat is, truthfully, one "heard once, of unknown age", not one known to have gone silent)
+                time.sleep(3 * min(2.0, max(0.2, args.stall_timeout / 10)))  # 3 watchdog intervals
                 mark("fault_at")
                 os.kill(os.getpid(), signal.SIGSTOP)
             if args.fault == "dies":
