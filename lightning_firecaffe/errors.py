@@ -30,6 +30,10 @@ class PeerStallError(RuntimeError):
         self.closed = bool(closed)  # True: the peer closed its connection; False: it was silent
         self.bucket, self.step = bucket, step  # where it happened, when known
 
+    def during(self, context: str) -> PeerStallError:
+        """The same error, saying what the failed reduction carried (e.g. "PowerSGD's Q factors")."""
+        return PeerStallError(f"{self} (during {context})", self.peers, self.closed, self.bucket, self.step)
+
     def __reduce__(self):  # pickles whole (spawn launcher, submitit results): peers are not in ``args``
         return type(self), (str(self), self.peers, self.closed, self.bucket, self.step)
 

@@ -44,7 +44,8 @@ class FireCaffeStrategy(DDPStrategy):
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision, process_group_backend,
             timeout, start_method: as for Fabric's ``DDPStrategy`` (same positions).
         algorithm, arity, chunk_bytes, stall_timeout, link, auto_repetitions, compression,
-            compression_error_feedback, watchdog, stall_action, stall_grace, stall_allowance: keyword-only,
+            compression_error_feedback, powersgd_rank, powersgd_start_step, powersgd_min_compression_rate,
+            powersgd_wire, watchdog, stall_action, stall_grace, stall_allowance: keyword-only,
             the same options with the same meaning as the Trainer's ``FireCaffeStrategy``
             (:class:`~lightning_firecaffe.FireCaffeOptions`).
         **kwargs: forwarded to torch's ``DistributedDataParallel`` (``bucket_cap_mb``, ...).
@@ -78,6 +79,10 @@ class FireCaffeStrategy(DDPStrategy):
         auto_repetitions: int = 2,
         compression: str | None = None,
         compression_error_feedback: bool = False,
+        powersgd_rank: int | None = None,
+        powersgd_start_step: int | None = None,
+        powersgd_min_compression_rate: float | None = None,
+        powersgd_wire: str | None = None,
         watchdog: bool = True,
         stall_action: str = "fail",
         stall_grace: float | None = None,

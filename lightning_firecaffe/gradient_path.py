@@ -26,6 +26,7 @@ from .comm.calibration import measure_link
 from .comm.compression import BucketLayout, GradientCompression
 from .comm.cost_model import LinkModel
 from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
+from .comm.low_rank import LowRankState
 from .comm.saved_state import CHECKPOINT_KEY, SavedCommState
 from .comm.schedules import auto_candidates, get_algorithm
 from .comm.telemetry import CommStats
@@ -115,6 +116,8 @@ class GradientPath:
             stats=self.stats,
             current_step=current_step,
             compression=self.build_compression(rank, world_size),
+            low_rank=self.build_low_rank(rank, world_size),
+            low_rank_wire=self.options.low_rank_wire.dtype if self.options.low_rank_wire else None,
             parameter_names={id(p): name for name, p in model.module.named_parameters()},
             on_bucket=bucket_beat,
         )
@@ -187,6 +190,30 @@ class GradientPath:
             )
         return compression
 
+    def build_low_rank(self, rank: int, world_size: int) -> LowRankState | None:
+        """PowerSGD's state, restored from a checkpoint when there is one (this rank's residuals; from a
+        checkpoint of another world size only the Q factors, which are the same on every rank)."""
+        config = self.options.low_rank
+        if config is None:
+            return None
+        self.stats.wire_format = f"powersgd rank {config.rank}" + (
+            f" ({self.options.powersgd_wire})" if self.options.powersgd_wire else ""
+        )
+        state = LowRankState(config)
+        saved = self.saved.low_rank
+        if saved is None:
+            return state
+        residuals = saved["residuals"][rank] if saved["world_size"] == world_size else {}
+        if saved["world_size"] != world_size:
+            log.warning(
+                "FireCaffe: the checkpoint's PowerSGD residuals are from %d ranks, this run has %d; starting "
+                "without them (one step's approximation error is not carried over)",
+                saved["world_size"],
+                world_size,
+            )
+        state.load_state_dict({"qs": saved["qs"], "residuals": residuals}, self._device)
+        return state
+
     # ------------------------------------------------------------------ checkpointed state
     def auto_choices(self) -> dict[int, str]:
         """``auto``'s measured choice per bucket size so far (or the checkpoint's, before the hook exists)."""
@@ -194,11 +221,12 @@ class GradientPath:
         return tuner.choices() if tuner is not None else dict(self.saved.auto_choices)
 
     def state(self, world_size: int) -> SavedCommState:
-        """What checkpoints keep of the gradient path. A collective with error feedback (every rank's
-        residual is gathered): every rank calls it while the checkpoint is assembled."""
+        """What checkpoints keep of the gradient path. A collective with error feedback or PowerSGD (every
+        rank's residuals are gathered): every rank calls it while the checkpoint is assembled."""
         compression = self.hook_state.compression if self.hook_state is not None else None
+        low_rank = self.low_rank_state(world_size)
         if compression is None:
-            return SavedCommState(self.auto_choices(), self.saved.compression)
+            return SavedCommState(self.auto_choices(), self.saved.compression, low_rank)
         state = compression.state_dict()
         if compression.error_feedback is not None:
             layout = model_layout(self._model)
@@ -208,7 +236,18 @@ class GradientPath:
             gathered = [torch.empty_like(flat) for _ in range(world_size)]
             dist.all_gather(gathered, flat)
             state["error_feedback"] = {"world_size": world_size, "residuals": [g.cpu() for g in gathered]}
-        return SavedCommState(self.auto_choices(), state)
+        return SavedCommState(self.auto_choices(), state, low_rank)
+
+    def low_rank_state(self, world_size: int) -> dict[str, Any] | None:
+        """PowerSGD's Q factors and every rank's residuals (gathered: a collective), or what a checkpoint
+        gave when the hook is not built yet."""
+        low_rank = self.hook_state.low_rank if self.hook_state is not None else None
+        if low_rank is None:
+            return self.saved.low_rank
+        mine = low_rank.state_dict()
+        every = [None] * world_size
+        dist.all_gather_object(every, mine["residuals"])
+        return {"world_size": world_size, "qs": mine["qs"], "residuals": every}
 
     def save_into(self, checkpoint: dict[str, Any], world_size: int) -> None:
         beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
@@ -228,6 +267,7 @@ class GradientPath:
             state.selector = self.build_selector(state.world_size, self._link_model)
             state.selector.rebuilt = rebuilt
             state.compression = self.build_compression(state.rank, state.world_size)
+            state.low_rank = self.build_low_rank(state.rank, state.world_size)
 
     # ------------------------------------------------------------------ training
     @property

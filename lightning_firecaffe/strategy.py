@@ -75,6 +75,14 @@ class FireCaffeStrategy(DDPStrategy):
             applied updates stay within one step's rounding of full precision over any number of steps.
             Costs one gradient-sized fp32 buffer per rank; checkpoints hold every rank's residual (gathered
             to rank 0), so a resumed run continues exactly.
+        powersgd_rank, powersgd_start_step, powersgd_min_compression_rate, powersgd_wire: with
+            ``compression="powersgd"``, low-rank gradients (PowerSGD, :mod:`lightning_firecaffe.comm.low_rank`):
+            each weight travels as two rank-``powersgd_rank`` factors (default 4) whose messages any algorithm
+            (or ``auto``) sums, with error feedback and warm start; full gradients until optimizer step
+            ``powersgd_start_step`` (default 10); tensors that would save less than
+            ``powersgd_min_compression_rate`` (default 2) travel uncompressed; ``powersgd_wire="bf16"``
+            sends the factors in bf16. It changes convergence: ``auto`` never turns it on. Checkpoints hold
+            the factors and every rank's residuals, so a resumed run continues exactly.
         **kwargs: forwarded to ``DDPStrategy`` and on to torch's ``DistributedDataParallel``
             (``bucket_cap_mb``, ``find_unused_parameters``, ``gradient_as_bucket_view``, ...).
 
@@ -107,6 +115,10 @@ class FireCaffeStrategy(DDPStrategy):
         auto_repetitions: int = 2,
         compression: str | None = None,
         compression_error_feedback: bool = False,
+        powersgd_rank: int | None = None,
+        powersgd_start_step: int | None = None,
+        powersgd_min_compression_rate: float | None = None,
+        powersgd_wire: str | None = None,
         watchdog: bool = True,
         stall_action: str = "fail",
         stall_grace: float | None = None,

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .comm.compression import WireFormat, wire_format
+from .comm.compression import CHOICES, WIRE_FORMATS, WireFormat, wire_format
 from .comm.cost_model import LinkModel
+from .comm.low_rank import LowRankConfig
 from .comm.schedules import algorithm_names, get_algorithm
 from .options import InvalidOption, is_int, is_number, require, require_choice
 from .watchdog import ACTIONS
 from .watchdog.verdict import bad_allowances, merge_allowances
 
 OWNER = "FireCaffeStrategy"
+LOW_RANK = "powersgd"
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class FireCaffeOptions:
     auto_repetitions: int = 2
     compression: str | None = None
     compression_error_feedback: bool = False
+    powersgd_rank: int | None = None
+    powersgd_start_step: int | None = None
+    powersgd_min_compression_rate: float | None = None
+    powersgd_wire: str | None = None
     watchdog: bool = True
     stall_action: str = "fail"
     stall_grace: float | None = None
@@ -59,12 +65,22 @@ class FireCaffeOptions:
         require(repetitions_ok, OWNER, "auto_repetitions", self.auto_repetitions, "must be an integer >= 1")
 
     def _check_compression(self) -> None:
-        try:
-            wire_format(self.compression)
-        except ValueError as exc:
-            raise InvalidOption(OWNER, "compression", self.compression, str(exc)) from None
+        if self.compression != LOW_RANK:
+            try:
+                wire_format(self.compression)
+            except ValueError:
+                allowed = ", ".join((*CHOICES, repr(LOW_RANK)))
+                raise InvalidOption(OWNER, "compression", self.compression, f"is not one of {allowed}") from None
         feedback = self.compression_error_feedback
         require(isinstance(feedback, bool), OWNER, "compression_error_feedback", feedback, "must be True or False")
+        require(
+            not (feedback and self.compression == LOW_RANK),
+            OWNER,
+            "compression_error_feedback",
+            feedback,
+            "is for the 16-bit formats: PowerSGD always feeds its approximation error back",
+        )
+        self._check_low_rank()
         require(
             not (feedback and self.compression is None),
             OWNER,
@@ -81,6 +97,33 @@ class FireCaffeOptions:
             f"cannot be exact with algorithm={self.algorithm!r}: the backend's all-reduce adds in 16 bits, out of "
             "the feedback's reach (pick a scheduled algorithm, or auto, which then skips it)",
         )
+
+    def _check_low_rank(self) -> None:
+        given = {
+            "powersgd_rank": self.powersgd_rank,
+            "powersgd_start_step": self.powersgd_start_step,
+            "powersgd_min_compression_rate": self.powersgd_min_compression_rate,
+            "powersgd_wire": self.powersgd_wire,
+        }
+        for option, value in given.items():
+            why = "applies only with compression='powersgd'"
+            require(value is None or self.compression == LOW_RANK, OWNER, option, value, why)
+        rank, start, rate = self.powersgd_rank, self.powersgd_start_step, self.powersgd_min_compression_rate
+        require(rank is None or (is_int(rank) and rank >= 1), OWNER, "powersgd_rank", rank, "must be an integer >= 1")
+        start_ok = start is None or (is_int(start) and start >= 0)
+        require(start_ok, OWNER, "powersgd_start_step", start, "must be an integer number of optimizer steps >= 0")
+        rate_ok = rate is None or (is_number(rate) and rate > 0)
+        require(rate_ok, OWNER, "powersgd_min_compression_rate", rate, "must be a positive, finite number")
+        wire = self.powersgd_wire
+        require(
+            wire != "fp16",
+            OWNER,
+            "powersgd_wire",
+            wire,
+            "cannot be 'fp16': its narrow range needs a dynamic scale, which the P and Q factors (Q's entries are "
+            "unbounded) do not carry; use 'bf16' (fp32's range)",
+        )
+        require(wire is None or wire in WIRE_FORMATS, OWNER, "powersgd_wire", wire, "must be None or 'bf16'")
 
     def _check_watchdog(self) -> None:
         timeout = self.stall_timeout
@@ -100,7 +143,24 @@ class FireCaffeOptions:
 
     @property
     def wire_format(self) -> WireFormat | None:
-        return wire_format(self.compression)
+        """The 16-bit format whole gradient buckets travel in (None with PowerSGD: see ``low_rank``)."""
+        return None if self.compression == LOW_RANK else wire_format(self.compression)
+
+    @property
+    def low_rank(self) -> LowRankConfig | None:
+        """PowerSGD's knobs with ``compression="powersgd"`` (unset ones at their defaults), else None."""
+        if self.compression != LOW_RANK:
+            return None
+        given = {
+            "rank": self.powersgd_rank,
+            "start_step": self.powersgd_start_step,
+            "min_compression_rate": self.powersgd_min_compression_rate,
+        }
+        return LowRankConfig(**{k: v for k, v in given.items() if v is not None})
+
+    @property
+    def low_rank_wire(self) -> WireFormat | None:
+        return wire_format(self.powersgd_wire)
 
     @property
     def tunes(self) -> bool:

@@ -31,11 +31,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..errors import peer_error
+from ..errors import PeerStallError, peer_error
 from ..transport import Transport
 from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
 from .executor import ScheduleExecutor
+from .low_rank import LowRankBucket, LowRankState, ParameterShapes
 from .schedules import Schedule, get_algorithm, schedule_for_bytes
 from .telemetry import CommStats, describe_choice
 from .tuner import AutoTuner
@@ -56,11 +57,13 @@ class Decision(NamedTuple):
     trial: bool = False
 
 
-def route_for(decision: Decision, lockstep: bool, exchange_follows: bool = False) -> Route:
+def route_for(decision: Decision | None, lockstep: bool, exchange_follows: bool = False) -> Route:
     """The route table. A timed trial, or a bucket after which ``auto`` exchanges its measurements, runs
     where it can be timed and followed (worker, or inline on NCCL); the backend's all-reduce otherwise
-    runs as a collective launched from backward; schedules run inline on NCCL, on the worker on gloo."""
-    collective = get_algorithm(decision.algorithm).collective
+    runs as a collective launched from backward; schedules run inline on NCCL, on the worker on gloo.
+    A low-rank bucket (``decision`` None: each of its two messages decides for itself) runs its
+    messages one after the other, where schedules run."""
+    collective = decision is not None and get_algorithm(decision.algorithm).collective
     if collective and not (decision.trial or exchange_follows):
         return Route.COLLECTIVE
     return Route.INLINE if lockstep else Route.WORKER
@@ -131,9 +134,10 @@ class BucketJob(NamedTuple):
     index: int
     is_last: bool
     step: int
-    nbytes: int  # on the wire
-    decision: Decision
+    nbytes: int  # on the wire (a low-rank bucket: its gradient's own size)
+    decision: Decision | None  # None: a low-rank bucket (its messages decide for themselves)
     layout: BucketLayout | None
+    shapes: ParameterShapes | None = None  # a low-rank bucket's parameters (name, shape), in buffer order
 
 
 class _FifoWorker:
@@ -176,6 +180,8 @@ class FireCaffeHookState:
     stats: CommStats = field(default_factory=CommStats)
     current_step: Callable[[], int] = lambda: 0
     compression: GradientCompression | None = None  # 16-bit on the wire (with its scale and residuals)
+    low_rank: LowRankState | None = None  # PowerSGD's Q factors and residuals (``compression="powersgd"``)
+    low_rank_wire: torch.dtype | None = None  # the 16-bit dtype its messages travel in, or None
     parameter_names: dict = field(default_factory=dict)  # id(parameter) -> name, for error-feedback layouts
     on_bucket: Callable[[int], None] = _no_progress  # progress callback (the watchdog's beat), per bucket
     failure: BaseException | None = None  # the last failure, unwrapped (torch garbles the Future's)
@@ -240,9 +246,20 @@ class FireCaffeHookState:
             layout = ((f"bucket {bucket.index()}", bucket.buffer().numel()),)
         return layout
 
+    def shapes_of(self, bucket: Any) -> ParameterShapes | None:
+        """The bucket's parameters (name, shape) when it travels low-rank at this step, else None (before
+        PowerSGD's start step, or a bucket that is not a plain concatenation of its parameters)."""
+        if self.low_rank is None or not self.low_rank.config.active(self.current_step()):
+            return None
+        shapes = tuple((self.parameter_names.get(id(p), f"#{id(p)}"), tuple(p.shape)) for p in bucket.parameters())
+        return shapes if sum(p.numel() for p in bucket.parameters()) == bucket.buffer().numel() else None
+
     def job_for(self, bucket: Any) -> BucketJob:
         buffer = bucket.buffer()
         nbytes = self.wire_nbytes(buffer)
+        shapes = self.shapes_of(bucket)
+        if shapes is not None:
+            return BucketJob(buffer, bucket.index(), bucket.is_last(), self.current_step(), nbytes, None, None, shapes)
         decision = self.selector.decide(nbytes)
         self.stats.algorithms[nbytes] = decision.algorithm
         args = (buffer, bucket.index(), bucket.is_last(), self.current_step(), nbytes, decision)
@@ -331,7 +348,7 @@ ROUTES = {Route.WORKER: run_on_worker, Route.INLINE: run_inline, Route.COLLECTIV
 
 def _complete(state: FireCaffeHookState, job: BucketJob, future: torch.futures.Future) -> None:
     try:
-        reduce_bucket(state, job)
+        (reduce_bucket if job.shapes is None else reduce_low_rank)(state, job)
     except BaseException as exc:  # noqa: BLE001 - surfaces in the training thread's backward
         state.failure = exc
         future.set_exception(exc)
@@ -365,6 +382,52 @@ def reduce_bucket(state: FireCaffeHookState, job: BucketJob) -> None:
     sent = counters.bytes_sent - sent0
     saved = state.saved_bytes(buffer, sent)
     state.stats.bucket_done(sent, counters.bytes_received - received0, elapsed, job.is_last, saved=saved)
+
+
+def reduce_low_rank(state: FireCaffeHookState, job: BucketJob) -> None:
+    """PowerSGD on one bucket (:mod:`.low_rank`): its two messages (uncompressed tensors + P factors, then
+    Q factors) each summed in one all-reduce by the algorithm the selector picks for that message's size
+    (so ``auto`` tunes them like any bucket), in the low-rank wire format if one is set."""
+    counters = state.executor.counters
+    sent0, received0 = counters.bytes_sent, counters.bytes_received
+    started = time.perf_counter()
+    bucket = LowRankBucket(state.low_rank, job.buffer, job.shapes, state.world_size)
+    first = bucket.first_message()
+    reduce_message(state, first, job, "P")
+    second = bucket.second_message(first)
+    reduce_message(state, second, job, "Q")
+    bucket.finish(second)
+    elapsed = time.perf_counter() - started
+    if job.is_last and state.selector.tuning:
+        exchange_measurements(state, job.step)
+    sent = counters.bytes_sent - sent0
+    full = job.buffer.numel() * job.buffer.element_size()
+    wire = (first.numel() + second.numel()) * (first.element_size() if state.low_rank_wire is None else 2)
+    saved = sent * full // wire - sent if wire else 0
+    state.stats.bucket_done(sent, counters.bytes_received - received0, elapsed, job.is_last, saved=saved)
+
+
+def reduce_message(state: FireCaffeHookState, message: torch.Tensor, job: BucketJob, what: str) -> None:
+    """Sum one low-rank message across ranks in place; ``what`` names it in a stall's error."""
+    if message.numel() == 0:
+        return
+    itemsize = message.element_size() if state.low_rank_wire is None else state.low_rank_wire.itemsize
+    nbytes = message.numel() * itemsize
+    decision = state.selector.decide(nbytes)
+    state.stats.algorithms[nbytes] = decision.algorithm
+    started = time.perf_counter()
+    try:
+        state.executor.all_reduce_(
+            message,
+            state.selector.schedule_for(nbytes, decision.algorithm),
+            bucket=job.index,
+            step=job.step,
+            wire=state.low_rank_wire,
+        )
+    except PeerStallError as exc:
+        raise exc.during(f"PowerSGD's {what} message, {nbytes} bytes, {decision.algorithm}") from exc.__cause__
+    if decision.trial:
+        state.selector.tuner.record(nbytes, decision.algorithm, time.perf_counter() - started)
 
 
 def exchange_measurements(state: FireCaffeHookState, step: int) -> None:

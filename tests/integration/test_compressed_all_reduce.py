@@ -226,6 +226,20 @@ def test_checkpoint_resume_with_error_feedback_is_bitwise_equal_to_a_straight_ru
     assert any(not torch.equal(other[k], straight[k]) for k in other), "feedback must change what is applied"
 
 
+@pytest.mark.timeout(300)
+def test_checkpoint_resume_with_powersgd_after_its_start_step_is_bitwise_equal_to_a_straight_run(tmp_path):
+    options = ["--algorithm", "auto", "--powersgd-start", "4", "--max-steps", "20"]
+    train(tmp_path / "straight", *options, "--save-every", "16")  # an epoch's end: the data continues alike
+    ckpt = next((tmp_path / "straight" / "ckpt").glob("*step=16*.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)["firecaffe"]["low_rank"]
+    assert saved["world_size"] == 2 and set(saved["qs"]) == {"net.0.weight"}, "the one matrix worth compressing"
+    first, second = (r["net.0.weight"] for r in saved["residuals"])
+    assert not torch.equal(first, second), "every rank's own residual"
+    train(tmp_path / "resumed", *options, "--resume", str(ckpt))
+    straight, resumed = (torch.load(tmp_path / d / "weights.pt") for d in ("straight", "resumed"))
+    assert_bitwise_equal(resumed, straight)
+
+
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:

@@ -242,6 +242,14 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
         (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
         (["strategy.algorithm=butterfly"], "strategy.algorithm='butterfly' is not one of auto, "),
         (["strategy.compression=int8"], "strategy.compression='int8' is not one of None, 'bf16', 'fp16'"),
+        (
+            ["strategy.compression=powersgd", "strategy.powersgd_rank=0"],
+            "strategy.powersgd_rank=0 must be an integer >= 1",
+        ),
+        (
+            ["strategy.compression=powersgd", "strategy.powersgd_wire=fp16"],
+            "strategy.powersgd_wire='fp16' cannot be 'fp16'",
+        ),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
         (
             ["callbacks.large_batch.reference_batch=0"],

@@ -31,7 +31,7 @@ from lightning_firecaffe import FireCaffeStrategy, InvalidOption, algorithm_name
         ({"ddp_comm_hook": lambda s, b: None}, "ddp_comm_hook", "own comm hook"),
         ({"link": "guess"}, "link", "'measure'"),
         ({"start_method": "thread"}, "start_method", "popen, spawn, fork, forkserver"),
-        ({"compression": "int8"}, "compression", "None, 'bf16', 'fp16'"),
+        ({"compression": "int8"}, "compression", "None, 'bf16', 'fp16', 'powersgd'"),
         ({"compression": 16}, "compression", "None, 'bf16', 'fp16'"),
         ({"compression_error_feedback": True}, "compression_error_feedback", "'bf16', 'fp16'"),
         ({"compression": "bf16", "compression_error_feedback": "yes"}, "compression_error_feedback", "True or False"),
@@ -40,6 +40,14 @@ from lightning_firecaffe import FireCaffeStrategy, InvalidOption, algorithm_name
             "compression_error_feedback",
             "adds in 16 bits",
         ),
+        ({"compression": "powersgd", "powersgd_rank": 0}, "powersgd_rank", "integer >= 1"),
+        ({"compression": "powersgd", "powersgd_rank": 2.5}, "powersgd_rank", "integer >= 1"),
+        ({"compression": "powersgd", "powersgd_start_step": -1}, "powersgd_start_step", ">= 0"),
+        ({"compression": "powersgd", "powersgd_min_compression_rate": 0}, "powersgd_min_compression_rate", "positive"),
+        ({"compression": "powersgd", "powersgd_wire": "fp16"}, "powersgd_wire", "use 'bf16'"),
+        ({"compression": "powersgd", "powersgd_wire": "int8"}, "powersgd_wire", "None or 'bf16'"),
+        ({"compression": "bf16", "powersgd_rank": 4}, "powersgd_rank", "only with compression='powersgd'"),
+        ({"compression": "powersgd", "compression_error_feedback": True}, "compression_error_feedback", "always"),
     ],
 )
 def test_bad_options_raise_naming_option_and_allowed_values(kwargs, option, allowed):

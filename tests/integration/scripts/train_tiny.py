@@ -99,6 +99,7 @@ def main(argv=None):
     p.add_argument("--stall-timeout", type=float, default=30.0)
     p.add_argument("--compression", default=None)
     p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--powersgd-start", type=int, default=None, help="compression='powersgd' from this step, rank 2")
     p.add_argument("--blowup-at", type=int, default=-1, help="multiply the loss by 1e9 at this step")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -116,8 +117,12 @@ def main(argv=None):
             stall_timeout=args.stall_timeout,
             find_unused_parameters=args.unused,
             link=None if args.link in (None, "none") else args.link,
-            compression=args.compression,
             compression_error_feedback=args.error_feedback,
+            **(
+                {"compression": args.compression}
+                if args.powersgd_start is None
+                else {"compression": "powersgd", "powersgd_rank": 2, "powersgd_start_step": args.powersgd_start}
+            ),
             **ddp_kwargs,
         )
     elif args.strategy == "ddp" and ddp_kwargs:
