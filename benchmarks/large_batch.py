@@ -10,7 +10,8 @@ for the same number of epochs three ways:
 and test top-1 is printed for each (mean and spread over ``--seeds``). Everything goes through
 :class:`lightning_firecaffe.callbacks.LargeBatchScaling`. Needs scikit-learn (``pip install scikit-learn``).
 With ``--devices 2`` the runs use ``FireCaffeStrategy`` (fork start) and ``--wires`` compares how gradients
-travel: ``fp32``, ``bf16``, ``bf16_feedback`` (bf16 with error feedback), ``fp16``.
+travel: ``fp32``, ``bf16``, ``bf16_feedback`` (bf16 with error feedback), ``fp16``, ``powersgd`` (low-rank,
+rank 4); ``--configs`` picks which of the three trainings run.
 
     python benchmarks/large_batch.py            # ~1.5 min on 2 CPU cores (5 seeds x 3 runs)
     python benchmarks/large_batch.py --devices 2 --seeds 3 --wires fp32,bf16,bf16_feedback   # 16-bit wire
@@ -37,6 +38,7 @@ WIRES = {
     "bf16": {"compression": "bf16"},
     "fp16": {"compression": "fp16"},
     "bf16_feedback": {"compression": "bf16", "compression_error_feedback": True},
+    "powersgd": {"compression": "powersgd", "powersgd_rank": 4},  # low-rank gradients, full for 10 steps first
 }
 
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--wires", default="fp32", help=f"with --devices >= 2: how gradients travel, from {', '.join(WIRES)}"
     )
+    p.add_argument("--configs", default="small,scaled,none", help="which trainings: small, scaled (rule+warmup), none")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     wires = [w for w in args.wires.split(",") if w]
     if any(w not in WIRES for w in wires) or (args.devices == 1 and wires != ["fp32"]):
         raise SystemExit(f"--wires: choose from {', '.join(WIRES)} (anything but fp32 needs --devices >= 2)")
+    chosen = {"small": 0, "scaled": 1, "none": 2}
+    configs = [configs[chosen[c]] for c in args.configs.split(",") if c]
     results: dict[tuple[str, str], list[float]] = {}
     for name, batch, rule, warmup in configs:
         for wire in wires:
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    for wire in wires:
+    for wire in wires if len(configs) == 3 else []:
         small, scaled, none = (statistics.mean(results[c[0], wire]) for c in configs)
         print(
             f"[{wire}] {configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points"
