@@ -2,7 +2,8 @@
 
 ``auto``'s choice per bucket size (no re-tuning after a resume) and compression's state: fp16's scale and,
 with error feedback, every rank's residual (they differ per rank; the strategy gathers them to rank 0
-while the checkpoint is assembled, a collective every rank takes part in).
+while the checkpoint is assembled, a collective every rank takes part in); local SGD's last average
+(anchor) and, between two averages, every rank's own weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ CHECKPOINT_KEY = "firecaffe"
 class SavedCommState:
     auto_choices: dict[int, str] = field(default_factory=dict)  # bucket bytes on the wire -> algorithm
     compression: dict[str, Any] | None = None  # GradientCompression.state_dict() + "error_feedback"
+    local_sgd: dict[str, Any] | None = None  # ParameterAverager.state_dict() + every rank's "replicas"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"auto_choices": {int(k): v for k, v in self.auto_choices.items()}, "compression": self.compression}
+        choices = {int(k): v for k, v in self.auto_choices.items()}
+        return {"auto_choices": choices, "compression": self.compression, "local_sgd": self.local_sgd}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any] | None) -> SavedCommState:
         state = state or {}
         choices = {int(k): str(v) for k, v in (state.get("auto_choices") or {}).items()}
-        return cls(choices, state.get("compression"))
+        return cls(choices, state.get("compression"), state.get("local_sgd"))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> SavedCommState | None:
