@@ -326,11 +326,19 @@ class GradientPath:
 
         def average() -> None:
             executor = state.executor
-            sent, received, started = executor.counters.bytes_sent, executor.counters.bytes_received, time.perf_counter()
-            averager.average(lambda flat: executor.all_reduce_(flat, schedule, bucket=AVERAGE_BUCKET, step=step, wire=wire))
+            sent, received, started = (
+                executor.counters.bytes_sent,
+                executor.counters.bytes_received,
+                time.perf_counter(),
+            )
+            averager.average(
+                lambda flat: executor.all_reduce_(flat, schedule, bucket=AVERAGE_BUCKET, step=step, wire=wire)
+            )
             busy = time.perf_counter() - started
             counters = executor.counters
-            self.stats.average_done(nbytes, algorithm, counters.bytes_sent - sent, counters.bytes_received - received, busy)
+            self.stats.average_done(
+                nbytes, algorithm, counters.bytes_sent - sent, counters.bytes_received - received, busy
+            )
 
         try:
             if state.lockstep:
@@ -340,7 +348,9 @@ class GradientPath:
                 state.worker.submit(lambda: _run_into(average, done))
                 done.result()  # every wait inside has the stall deadline
         except PeerStallError as exc:
-            error = self.explain_failure(reword(exc, rank, step, self.stall_timeout), "averaging parameters", rank=rank, step=step)
+            error = self.explain_failure(
+                reword(exc, rank, step, self.stall_timeout), "averaging parameters", rank=rank, step=step
+            )
             raise error from exc.__cause__
 
     # ------------------------------------------------------------------ training

@@ -242,6 +242,11 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
         (["strategy.arity=1"], "strategy.arity=1 must be an integer >= 2"),
         (["strategy.algorithm=butterfly"], "strategy.algorithm='butterfly' is not one of auto, "),
         (["strategy.compression=int8"], "strategy.compression='int8' is not one of None, 'bf16', 'fp16'"),
+        (["strategy.model_averaging_period=0"], "strategy.model_averaging_period=0 must be None (local SGD off)"),
+        (
+            ["strategy.model_averaging_period=4", "strategy.averaging_wire=fp16"],
+            "strategy.averaging_wire='fp16' is not supported",
+        ),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
         (
             ["callbacks.large_batch.reference_batch=0"],
