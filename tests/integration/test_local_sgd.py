@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_firecaffe.gradient_path import GradientPath
