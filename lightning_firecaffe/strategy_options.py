@@ -18,6 +18,7 @@ from .watchdog import ACTIONS
 from .watchdog.verdict import bad_allowances, merge_allowances
 
 OWNER = "FireCaffeStrategy"
+TRAINER_ONLY = ("model_averaging_period", "averaging_start_step", "averaging_wire")  # local SGD: see fabric.py
 
 
 @dataclass(frozen=True)
