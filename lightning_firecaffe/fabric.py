@@ -31,7 +31,9 @@ from .comm.saved_state import CHECKPOINT_KEY
 from .comm.telemetry import CommStats, step_metrics
 from .compat import launched_pids
 from .gradient_path import GradientPath, options_from
+from .options import require
 from .strategy_names import register_names
+from .strategy_options import OWNER, TRAINER_ONLY
 from .watchdog import beat
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ class FireCaffeStrategy(DDPStrategy):
         stall_allowance: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        for option in TRAINER_ONLY:  # not DDP keywords either: refused here, not by torch at setup
+            why = "is the Trainer's FireCaffeStrategy's only (local SGD; Fabric's checkpoints keep no step count)"
+            require(option not in kwargs, OWNER, option, kwargs.get(option), why)
         self.options = options_from(locals(), start_method)
         super().__init__(
             accelerator,

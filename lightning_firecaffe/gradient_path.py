@@ -10,18 +10,32 @@ variable, threads, launched ranks). The strategies only decide *when* to call it
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.nn.parallel import DistributedDataParallel
 
+from .comm.averaging import (
+    AVERAGE_BUCKET,
+    AveragingPlan,
+    LocalSGDHookState,
+    ParameterAverager,
+    averaging_algorithm,
+    local_sgd_hook,
+    node_groups,
+    reword,
+    trainable_parameters,
+)
 from .comm.calibration import measure_link
 from .comm.compression import BucketLayout, GradientCompression
 from .comm.cost_model import LinkModel
@@ -29,7 +43,7 @@ from .comm.hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .comm.low_rank import LowRankState
 from .comm.saved_state import CHECKPOINT_KEY, SavedCommState
 from .comm.schedules import auto_candidates, get_algorithm
-from .comm.telemetry import CommStats
+from .comm.telemetry import AveragingTotals, CommStats
 from .comm.tuner import AutoTuner
 from .errors import PeerStallError, unwrap_hook_error
 from .network import GlooInterface, configure_gloo_interface, needs_gloo_interface
@@ -83,6 +97,9 @@ class GradientPath:
         self._model: DistributedDataParallel | None = None
         self._device: torch.device | str = "cpu"
         self._link_model: LinkModel | None = None
+        self.local_sgd: LocalSGDHookState | None = None  # model_averaging_period: the hook's local-step state
+        self.averager: ParameterAverager | None = None
+        self._own_module_state: dict[str, Any] | None = None  # local SGD resume: this rank's weights, after DDP
 
     @property
     def stall_timeout(self) -> float:
@@ -121,8 +138,34 @@ class GradientPath:
             parameter_names={id(p): name for name, p in model.module.named_parameters()},
             on_bucket=bucket_beat,
         )
-        model.register_comm_hook(self.hook_state, firecaffe_hook if wrapper is None else wrapper(firecaffe_hook))
+        hook, hook_state = firecaffe_hook, self.hook_state
+        if self.options.local_sgd:
+            hook, hook_state = local_sgd_hook, self.build_local_sgd(model, backend, rank, world_size, ranks_per_node)
+        model.register_comm_hook(hook_state, hook if wrapper is None else wrapper(hook))
         return self.hook_state
+
+    def build_local_sgd(
+        self, model: DistributedDataParallel, backend: str, rank: int, world_size: int, ranks_per_node: int
+    ) -> LocalSGDHookState:
+        """Local SGD's parts (a collective: one group per node, every rank creates all, in order): the
+        plan, the averager with a checkpoint's anchor and, on a resume between averages, this rank's own
+        weights (DDP has just broadcast rank 0's)."""
+        o = self.options
+        plan = AveragingPlan(o.model_averaging_period, o.averaging_start_step)
+        groups, mine, size = [], None, 1
+        for ranks in node_groups(world_size, ranks_per_node):
+            group = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=self.stall_timeout))
+            groups.append(group)
+            if rank in ranks:
+                mine, size = group, len(ranks)
+        if self._own_module_state is not None:
+            model.module.load_state_dict(self._own_module_state)
+            self._own_module_state = None
+        self.averager = ParameterAverager(trainable_parameters(model.module), world_size)
+        self.averager.load_state_dict(self.saved.local_sgd)
+        self.stats.averaging = AveragingTotals(plan.period, plan.start, o.averaging_wire)
+        self.local_sgd = LocalSGDHookState(self.hook_state, plan, mine, size, groups)
+        return self.local_sgd
 
     def create_groups(self, backend: str) -> tuple[Any, Any, Any]:
         """Collective calls, in the same order on every rank: one group per message direction (one TCP
@@ -223,10 +266,11 @@ class GradientPath:
     def state(self, world_size: int) -> SavedCommState:
         """What checkpoints keep of the gradient path. A collective with error feedback or PowerSGD (every
         rank's residuals are gathered): every rank calls it while the checkpoint is assembled."""
+        local_sgd = self.averager.state_dict() if self.averager is not None else self.saved.local_sgd
         compression = self.hook_state.compression if self.hook_state is not None else None
         low_rank = self.low_rank_state(world_size)
         if compression is None:
-            return SavedCommState(self.auto_choices(), self.saved.compression, low_rank)
+            return SavedCommState(self.auto_choices(), self.saved.compression, low_rank, local_sgd)
         state = compression.state_dict()
         if compression.error_feedback is not None:
             layout = model_layout(self._model)
@@ -236,7 +280,7 @@ class GradientPath:
             gathered = [torch.empty_like(flat) for _ in range(world_size)]
             dist.all_gather(gathered, flat)
             state["error_feedback"] = {"world_size": world_size, "residuals": [g.cpu() for g in gathered]}
-        return SavedCommState(self.auto_choices(), state, low_rank)
+        return SavedCommState(self.auto_choices(), state, low_rank, local_sgd)
 
     def low_rank_state(self, world_size: int) -> dict[str, Any] | None:
         """PowerSGD's Q factors and every rank's residuals (gathered: a collective), or what a checkpoint
@@ -249,9 +293,40 @@ class GradientPath:
         dist.all_gather_object(every, mine["residuals"])
         return {"world_size": world_size, "qs": mine["qs"], "residuals": every}
 
-    def save_into(self, checkpoint: dict[str, Any], world_size: int) -> None:
+    def save_into(self, checkpoint: dict[str, Any], world_size: int, replica_keys: Sequence[str] = ()) -> None:
+        """Put the gradient path's state into ``checkpoint`` (every rank). Between local SGD's averages the
+        replicas differ: ``replica_keys`` of every rank's ``checkpoint`` (its weights, optimizer state) are
+        gathered to rank 0 too (a collective)."""
         beat("checkpoint save", "checkpoint")  # its own allowance: slow disks are no stall
-        checkpoint[CHECKPOINT_KEY] = self.state(world_size).to_dict()
+        state = self.state(world_size)
+        if replica_keys and self.averager is not None and self.averager.anchor is not None:
+            mine = move_data_to_device({k: checkpoint.get(k) for k in replica_keys}, "cpu")
+            first = dist.get_rank() == 0
+            gathered: list[Any] | None = [None] * world_size if first else None
+            dist.gather_object(None if first else mine, gathered, dst=0)  # rank 0's own is the checkpoint's
+            state.local_sgd = dict(state.local_sgd, replicas=gathered)
+        checkpoint[CHECKPOINT_KEY] = state.to_dict()
+
+    def own_replica(self, checkpoint: dict[str, Any], rank: int, world_size: int, module_key: str) -> None:
+        """Local SGD, resumed between averages: put this rank's own saved keys into ``checkpoint`` (the
+        optimizer state is restored from there) and keep its weights for after DDP's broadcast. From
+        another world size every rank continues from rank 0's (with a warning)."""
+        local = self.saved.local_sgd or {}
+        replicas = local.get("replicas")
+        if not replicas:
+            return
+        self.saved.local_sgd = {k: v for k, v in local.items() if k != "replicas"}
+        if local.get("world_size") != world_size:
+            log.warning(
+                "FireCaffe local SGD: the checkpoint holds %d ranks' replicas, this run has %d; every rank continues "
+                "from rank 0's weights and optimizer state",
+                local.get("world_size"),
+                world_size,
+            )
+            return
+        if rank and replicas[rank] is not None:
+            checkpoint.update(replicas[rank])
+            self._own_module_state = replicas[rank].get(module_key)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Take the gradient path's state from a loaded checkpoint. Before :meth:`install` (the Trainer
@@ -268,6 +343,55 @@ class GradientPath:
             state.selector.rebuilt = rebuilt
             state.compression = self.build_compression(state.rank, state.world_size)
             state.low_rank = self.build_low_rank(state.rank, state.world_size)
+
+    # ------------------------------------------------------------------ local SGD
+    def before_optimizer_step(self, step: int) -> None:
+        """Local SGD: the first local step's weights are the anchor (the replicas still agree here)."""
+        if self.averager is not None and self.local_sgd.plan.local(step):
+            self.averager.capture()
+
+    def after_optimizer_step(self, step: int, rank: int) -> None:
+        """Local SGD: average the parameters after every ``period``-th local step (see comm.averaging),
+        with the algorithm ``auto`` or the user picked for the flat buffer's size, on the hook's worker
+        (gloo) or inline (NCCL). A failed peer is named like one in the hook."""
+        local, state = self.local_sgd, self.hook_state
+        if local is None or not local.plan.averages_after(step):
+            return
+        wire = torch.bfloat16 if self.options.averaging_wire == "bf16" else None
+        averager = self.averager
+        element = averager.params[0].element_size() if averager.params else 4
+        nbytes = averager.numel() * (min(element, 2) if wire is not None else element)
+        algorithm = averaging_algorithm(state.selector, nbytes)
+        schedule = state.selector.schedule_for(nbytes, algorithm)
+
+        def average() -> None:
+            executor = state.executor
+            sent, received, started = (
+                executor.counters.bytes_sent,
+                executor.counters.bytes_received,
+                time.perf_counter(),
+            )
+            averager.average(
+                lambda flat: executor.all_reduce_(flat, schedule, bucket=AVERAGE_BUCKET, step=step, wire=wire)
+            )
+            busy = time.perf_counter() - started
+            counters = executor.counters
+            self.stats.average_done(
+                nbytes, algorithm, counters.bytes_sent - sent, counters.bytes_received - received, busy
+            )
+
+        try:
+            if state.lockstep:
+                average()
+            else:
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                state.worker.submit(lambda: _run_into(average, done))
+                done.result()  # every wait inside has the stall deadline
+        except PeerStallError as exc:
+            error = self.explain_failure(
+                reword(exc, rank, step, self.stall_timeout), "averaging parameters", rank=rank, step=step
+            )
+            raise error from exc.__cause__
 
     # ------------------------------------------------------------------ training
     @property
@@ -343,6 +467,9 @@ class GradientPath:
 
     def close_hook(self) -> None:
         """Stop the hook's worker and release its process groups (every rank, at the end)."""
+        if self.local_sgd is not None:
+            self.local_sgd.close()
+            self.local_sgd = None
         if self.hook_state is not None:
             self.hook_state.close()
             self.hook_state = None
@@ -358,6 +485,15 @@ class GradientPath:
         if self.gloo_interface is not None:
             self.gloo_interface.restore()
             self.gloo_interface = None
+
+
+def _run_into(job: Callable[[], None], done: concurrent.futures.Future) -> None:
+    try:
+        job()
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 __all__ = ["CHECKPOINT_KEY", "GradientPath", "model_layout", "options_from"]

@@ -39,9 +39,22 @@ class FireCaffeStrategy(DDPStrategy):
 
     Args:
         accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
-            ddp_comm_wrapper, model_averaging_period, process_group_backend, timeout, start_method: as
-            for ``DDPStrategy`` (same positions). ``ddp_comm_state``/``ddp_comm_hook`` must stay ``None``:
-            this strategy installs its own hook.
+            ddp_comm_wrapper, process_group_backend, timeout, start_method: as for ``DDPStrategy`` (same
+            positions). ``ddp_comm_state``/``ddp_comm_hook`` must stay ``None``: this strategy installs its
+            own hook.
+        model_averaging_period: ``None`` (default) or ``H >= 1``: post-local SGD (Lin et al. 2020), never
+            turned on by ``auto``. After ``averaging_start_step`` optimizer steps of full gradient
+            synchronisation, each rank applies its own gradient (averaged inside its node every step when
+            a node runs several ranks) and every ``H`` optimizer steps (not micro-batches) the parameters
+            are averaged across all ranks by the chosen algorithm (``auto``: the cost model's or its measured
+            pick for that size). The average sends the change since the last one, and every rank ends with
+            the same bits. Optimizer state is not averaged; checkpoints keep every rank's weights and
+            optimizer state, so a run resumed between two averages continues exactly. An average does not
+            overlap the next steps (they read the weights being averaged: the result would change).
+        averaging_start_step: optimizer steps that synchronise gradients before local steps begin (>= 1;
+            default 8: past DDP's bucket rebuild after step 1 and the first, largest updates).
+        averaging_wire: ``None`` or ``"bf16"``: the averages' deltas travel in bf16 (half the bytes;
+            fp16 is refused: small deltas fall below its range).
         algorithm: ``"auto"`` or any registered algorithm (``lightning_firecaffe.algorithm_names()``:
             FireCaffe's ``"tree"``, ``"ring"``, the backend's own ``"native"``, ...). ``auto`` measures:
             during the first optimizer steps after DDP has rebuilt its buckets it times the candidates
@@ -123,6 +136,8 @@ class FireCaffeStrategy(DDPStrategy):
         stall_action: str = "fail",
         stall_grace: float | None = None,
         stall_allowance: dict[str, float] | None = None,
+        averaging_start_step: int = 8,
+        averaging_wire: str | None = None,
         **kwargs: Any,
     ) -> None:
         refused = {"ddp_comm_hook": ddp_comm_hook, "ddp_comm_state": ddp_comm_state}
@@ -182,7 +197,8 @@ class FireCaffeStrategy(DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        self.gradient_path.save_into(checkpoint, self.world_size)  # every rank: Trainer.save_checkpoint
+        replicas = ("state_dict", "optimizer_states")  # local SGD: every rank's, between averages
+        self.gradient_path.save_into(checkpoint, self.world_size, replicas)  # every rank: Trainer.save_checkpoint
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
@@ -190,6 +206,7 @@ class FireCaffeStrategy(DDPStrategy):
         beat("checkpoint load", "checkpoint")
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         self.gradient_path.restore(checkpoint)  # before the hook is built: Lightning restores before setup
+        self.gradient_path.own_replica(checkpoint, self.global_rank, self.world_size, "state_dict")
         return checkpoint
 
     # ------------------------------------------------------------------ training
@@ -198,9 +215,14 @@ class FireCaffeStrategy(DDPStrategy):
         self, optimizer: Any, closure: Callable[[], Any], model: Any | None = None, **kwargs: Any
     ) -> Any:
         """With fp16 on the wire, run the closure (backward and the all-reduce) first: if a bucket
-        overflowed - on every rank alike, the reduced values are identical - skip this step."""
+        overflowed - on every rank alike, the reduced values are identical - skip this step. With local
+        SGD, average the parameters after every ``model_averaging_period``-th local step."""
         if not self.gradient_path.scaled:
-            return super().optimizer_step(optimizer, closure, model, **kwargs)
+            step = self._current_step()
+            self.gradient_path.before_optimizer_step(step)
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            self.gradient_path.after_optimizer_step(step, self.global_rank)
+            return output
         result = closure()
         if self.gradient_path.step_overflowed(self._current_step()):
             return result

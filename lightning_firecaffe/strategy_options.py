@@ -20,6 +20,7 @@ from .watchdog.verdict import bad_allowances, merge_allowances
 
 OWNER = "FireCaffeStrategy"
 LOW_RANK = "powersgd"
+TRAINER_ONLY = ("model_averaging_period", "averaging_start_step", "averaging_wire")  # local SGD: see fabric.py
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,15 @@ class FireCaffeOptions:
     stall_action: str = "fail"
     stall_grace: float | None = None
     stall_allowance: dict[str, float] | None = None
+    model_averaging_period: int | None = None  # local SGD: None = off (DDPStrategy's own positional argument)
+    averaging_start_step: int = 8
+    averaging_wire: str | None = None
 
     def __post_init__(self) -> None:
         self._check_algorithm()
         self._check_compression()
         self._check_watchdog()
+        self._check_local_sgd()
 
     def _check_algorithm(self) -> None:
         require_choice(OWNER, "algorithm", self.algorithm, ("auto", *algorithm_names()))
@@ -140,6 +145,58 @@ class FireCaffeOptions:
         require(grace_ok, OWNER, "stall_grace", self.stall_grace, "must be None or a finite number of seconds >= 0")
         problem = bad_allowances(self.stall_allowance)
         require(problem is None, OWNER, "stall_allowance", self.stall_allowance, problem or "")
+
+    def _check_local_sgd(self) -> None:
+        period, start, wire = self.model_averaging_period, self.averaging_start_step, self.averaging_wire
+        period_ok = period is None or (is_int(period) and period >= 1)
+        require(period_ok, OWNER, "model_averaging_period", period, "must be None (local SGD off) or an integer >= 1")
+        require(
+            is_int(start) and start >= 1,
+            OWNER,
+            "averaging_start_step",
+            start,
+            "must be an integer >= 1 (DDP rebuilds its buckets after the first step, which must synchronise)",
+        )
+        require(
+            wire != "fp16",
+            OWNER,
+            "averaging_wire",
+            wire,
+            "is not supported: a parameter average sends the (small) change since the last average, which fp16's "
+            "5-bit exponent flushes towards zero; use 'bf16' (fp32's range) or None",
+        )
+        require(wire in (None, "bf16"), OWNER, "averaging_wire", wire, "must be None (the parameters' dtype) or 'bf16'")
+        require(
+            wire is None or period is not None,
+            OWNER,
+            "averaging_wire",
+            wire,
+            "has no effect without model_averaging_period (local SGD off)",
+        )
+        if period is None:
+            return
+        require(
+            self.compression is None,
+            OWNER,
+            "compression",
+            self.compression,
+            "cannot be combined with model_averaging_period: local SGD stops sending gradients after "
+            "averaging_start_step (set averaging_wire='bf16' to halve the averages' bytes instead)",
+        )
+        pinned = self.algorithm != "auto" and not get_algorithm(self.algorithm).identical_results
+        require(
+            not pinned,
+            OWNER,
+            "algorithm",
+            self.algorithm,
+            "cannot average parameters (local SGD, model_averaging_period): it does not leave every rank with the "
+            "same bits, so the replicas would drift apart after an average",
+        )
+
+    @property
+    def local_sgd(self) -> bool:
+        """Post-local SGD is on (``model_averaging_period`` given)."""
+        return self.model_averaging_period is not None
 
     @property
     def wire_format(self) -> WireFormat | None:

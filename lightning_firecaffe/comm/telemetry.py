@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -40,6 +40,32 @@ class CommTotals(CommFigures):
     steps: int = 0
 
 
+@dataclass
+class AveragingTotals:
+    """Local SGD's parameter averages so far (this rank's bytes and time; the wire format, if 16-bit)."""
+
+    period: int
+    start: int
+    wire: str | None = None
+    averages: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    busy_s: float = 0.0
+    algorithms: dict[int, str] = field(default_factory=dict)  # flat parameter bytes on the wire -> algorithm
+
+    def describe(self) -> str:
+        head = f" Local SGD (average every {self.period} steps from step {self.start}"
+        head += f", {self.wire} on the wire): " if self.wire else "): "
+        if not self.averages:
+            return head + "no parameter average ran."
+        n = self.averages
+        used = ", ".join(f"{b / 1e6:.2f} MB -> {a}" for b, a in sorted(self.algorithms.items()))
+        return (
+            head + f"{n} parameter average(s) [{used}], each {self.bytes_sent / n / 1e6:.2f} MB sent, "
+            f"{self.bytes_received / n / 1e6:.2f} MB received, {1e3 * self.busy_s / n:.1f} ms by this rank."
+        )
+
+
 class CommStats:
     """Thread-safe accumulator: the backward thread marks buckets ready, the comm worker marks them done."""
 
@@ -53,6 +79,7 @@ class CommStats:
         self.fitted_link: dict | None = None  # latency and bandwidth fitted to the tuning measurements
         self.wire_format: str | None = None  # "bf16" / "fp16" with compression
         self.skipped_steps: list[tuple[int, list[int]]] = []  # fp16 overflow: (step, buckets) not applied
+        self.averaging: AveragingTotals | None = None  # local SGD's parameter averages (when on)
 
     def __getstate__(self) -> dict:  # spawn pickles the strategy, and with it these stats
         state = dict(self.__dict__)
@@ -90,6 +117,18 @@ class CommStats:
             t.exposed_s += cur.exposed_s
             self._current = StepComm()
 
+    def average_done(self, nbytes: int, algorithm: str, sent: int, received: int, busy_s: float) -> None:
+        """One local SGD parameter average of ``nbytes`` on the wire (training thread, after a step)."""
+        a = self.averaging
+        if a is None:
+            return
+        with self._lock:
+            a.averages += 1
+            a.bytes_sent += sent
+            a.bytes_received += received
+            a.busy_s += busy_s
+            a.algorithms[nbytes] = algorithm
+
     @property
     def completed_steps(self) -> int:
         return self.totals.steps
@@ -101,8 +140,9 @@ class CommStats:
     def summary(self, algorithm: str) -> str:
         """Human-readable end-of-fit report."""
         t = self.totals
+        local = self.averaging.describe() if self.averaging is not None else ""
         if not t.steps:
-            return f"FireCaffe ({algorithm}): no gradient all-reduce ran."
+            return f"FireCaffe ({algorithm}): no gradient all-reduce ran." + local
         per_step = lambda x: x / t.steps  # noqa: E731
         used = ", ".join(f"{n / 1e6:.2f} MB -> {a}" for n, a in sorted(self.algorithms.items()))
         tuned = ""
@@ -129,7 +169,7 @@ class CommStats:
             f"FireCaffe ({algorithm}): {t.steps} steps, buckets on the wire [{used}]; per step this rank sent "
             f"{per_step(t.bytes_sent) / 1e6:.2f} MB and received {per_step(t.bytes_received) / 1e6:.2f} MB; "
             f"communication busy {1e3 * per_step(t.busy_s):.1f} ms, of which {1e3 * per_step(t.exposed_s):.1f} ms "
-            f"not hidden behind backward." + wire + tuned
+            f"not hidden behind backward." + wire + local + tuned
         )
 
 

@@ -250,6 +250,11 @@ def test_slurm_launcher_is_wired_from_the_trainer(tmp_path):
             ["strategy.compression=powersgd", "strategy.powersgd_wire=fp16"],
             "strategy.powersgd_wire='fp16' cannot be 'fp16'",
         ),
+        (["strategy.model_averaging_period=0"], "strategy.model_averaging_period=0 must be None (local SGD off)"),
+        (
+            ["strategy.model_averaging_period=4", "strategy.averaging_wire=fp16"],
+            "strategy.averaging_wire='fp16' is not supported",
+        ),
         (["callbacks.large_batch.rule=x"], "callbacks.large_batch.rule='x' is not one of linear, sqrt, none"),
         (
             ["callbacks.large_batch.reference_batch=0"],

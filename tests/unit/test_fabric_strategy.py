@@ -12,8 +12,9 @@ from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 import lightning_firecaffe
 from lightning_firecaffe import FireCaffeOptions, InvalidOption
 from lightning_firecaffe.fabric import FireCaffeStrategy
+from lightning_firecaffe.strategy_options import TRAINER_ONLY
 
-OPTIONS = {f.name for f in dataclasses.fields(FireCaffeOptions)}
+OPTIONS = {f.name for f in dataclasses.fields(FireCaffeOptions)} - set(TRAINER_ONLY)  # local SGD: the Trainer's
 
 
 def positional(cls) -> list[tuple[str, object]]:
@@ -80,3 +81,9 @@ def test_fabric_accepts_the_names_and_follows_the_algorithm_registry():
     finally:
         unregister_algorithm("fabric_probe")
     assert "firecaffe_fabric_probe" not in STRATEGY_REGISTRY and "firecaffe_fabric_probe" not in StrategyRegistry
+
+
+def test_local_sgd_is_refused_naming_the_option():
+    with pytest.raises(InvalidOption) as err:
+        FireCaffeStrategy(model_averaging_period=4)
+    assert err.value.option == "model_averaging_period" and "Trainer's" in str(err.value)

@@ -64,6 +64,7 @@ class Algorithm:
     eligible: Eligibility = always
     collective: bool = False  # run as the backend's own all_reduce; the schedule only models it
     order: int = 100  # position in every listing, and ``auto``'s tie-break (lower first); then the name
+    identical_results: bool = True  # every rank ends with the same bits (local SGD's parameter average needs it)
 
     def num_chunks(self, nbytes: int, world_size: int, chunk_bytes: int) -> int:
         return int(self.chunking(nbytes, world_size, chunk_bytes))
@@ -108,6 +109,7 @@ def register_algorithm(
     eligible: Eligibility = always,
     collective: bool = False,
     order: int = 100,
+    identical_results: bool = True,
     override: bool = False,
 ) -> Callable[[Callable[..., Schedule]], Callable[..., Schedule]]:
     """Decorator: register a schedule builder ``f(world_size, num_chunks, arity, ranks_per_node)``.
@@ -116,7 +118,8 @@ def register_algorithm(
     taken name raises unless ``override=True``. ``collective=True``: the executor calls the backend's own
     ``all_reduce`` and the schedule only models it (for the cost model and the simulator). ``order``
     places it in every listing and breaks ``auto``'s ties (lower first, then the name): the built-ins use
-    10-70, so a plugin's default 100 comes after them whatever the import order. Listeners (e.g. the strategy-name registration) hear of
+    10-70, so a plugin's default 100 comes after them whatever the import order. ``identical_results=False``:
+    ranks may end with different bits (local SGD refuses it: its replicas must agree after an average). Listeners (e.g. the strategy-name registration) hear of
     every algorithm, also of those registered after they subscribed.
     """
     if not (name.isidentifier() and name == name.lower()) or name == "auto":
@@ -126,7 +129,18 @@ def register_algorithm(
         if name in _REGISTRY and not override:
             raise ValueError(f"algorithm {name!r} is already registered (pass override=True to replace it)")
         algorithm = Algorithm(
-            name, build, chunking, summary, cost, uses_arity, uses_ranks_per_node, auto, eligible, collective, order
+            name,
+            build,
+            chunking,
+            summary,
+            cost,
+            uses_arity,
+            uses_ranks_per_node,
+            auto,
+            eligible,
+            collective,
+            order,
+            identical_results=identical_results,
         )
         _REGISTRY[name] = algorithm
         _sort_registry()

@@ -1,0 +1,73 @@
+"""Local SGD through the Trainer: ``FireCaffeStrategy(model_averaging_period=3)`` on three emulated nodes
+(one CPU rank each, launched externally), with gradient accumulation and LargeBatchScaling; a run resumed
+from a checkpoint taken between two averages equals the straight run bitwise on every rank.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_firecaffe.testing.ranks import free_port
+
+SCRIPT = Path(__file__).parent / "scripts" / "local_sgd_job.py"
+WORLD = 3
+START, PERIOD, STEPS = 2, 3, 10
+AVERAGED_AFTER = {4, 7}  # optimizer steps s >= START with (s - START + 1) % PERIOD == 0
+
+
+def launch(out: Path, *args: str, timeout: float = 120) -> None:
+    """Every "node" is one process; Lightning's environment reads the rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--out", str(out), *args],
+            env=dict(env, NODE_RANK=str(r), LOCAL_RANK="0", WORLD_SIZE=str(WORLD)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+
+def weights(out: Path) -> list[dict[int, torch.Tensor]]:
+    return [torch.load(out / f"weights-rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.timeout(300)
+def test_trainer_local_sgd_averages_every_period_and_resumes_between_averages_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(straight)
+    runs = weights(straight)
+    for step in range(1, STEPS + 1):  # global step after optimizer step ``step - 1``
+        agree = all(torch.equal(runs[0][step], w[step]) for w in runs[1:])
+        expected = step - 1 < START or step - 1 in AVERAGED_AFTER
+        assert agree == expected, f"after optimizer step {step - 1}: replicas {'agree' if agree else 'differ'}"
+    summary = json.loads((straight / "facts.json").read_text())["summary"]
+    assert "Local SGD (average every 3 steps from step 2): 2 parameter average(s) [" in summary, summary
+    ckpt = straight / "ckpt" / "epoch=1-step=6.ckpt"  # after step 5: one local step past the average of step 4
+    saved = torch.load(ckpt, weights_only=False)["firecaffe"]["local_sgd"]
+    assert saved["world_size"] == WORLD and saved["anchor"] is not None and len(saved["replicas"]) == WORLD
+
+    launch(resumed, "--resume", str(ckpt))
+    again = weights(resumed)
+    for rank in range(WORLD):
+        assert sorted(again[rank]) == list(range(6, STEPS + 1))  # 6: the first micro-batch, the restored weights
+        for step in again[rank]:
+            assert torch.equal(again[rank][step], runs[rank][step]), f"rank {rank} differs at step {step}"
