@@ -116,9 +116,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ranks_per_node=args.gpus_per_node,
     )
     batches = [int(b) for b in _csv(args.batches)]
-    rows = plan_table(workload, args.gpus, link, batches, chunk_bytes=parse_size(args.chunk))
+    shapes = None if module is None else [tuple(p.shape) for p in module.parameters() if p.requires_grad]
+    chunk = parse_size(args.chunk)
+    rows = plan_table(workload, args.gpus, link, batches, shapes=shapes, chunk_bytes=chunk)
     print(format_plan(rows, workload, link))
-    curves = speedup_curves(workload, args.plot_batch, link, args.max_gpus, chunk_bytes=parse_size(args.chunk))
+    curves = speedup_curves(workload, args.plot_batch, link, args.max_gpus, shapes=shapes, chunk_bytes=chunk)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_speedup(curves, out / "plan.png", title=f"{name}, {args.plot_batch} images/GPU, {args.bandwidth} links")
