@@ -61,3 +61,16 @@ def test_hand_counted_bucket():
     assert (p, q) == (10, 0)  # nothing to compress: one message
     with pytest.raises(ValueError, match="rank"):
         message_sizes([(64, 32)], rank=0)
+
+
+def test_comm_bench_sizes_expand_a_models_p_and_q_messages():
+    from lightning_firecaffe.bench.cli import message_sizes_of
+
+    shapes = [(64, 32), (64,), (5,)]
+    sizes, notes = message_sizes_of("4KB,powersgd:toy:2", shapes_of=lambda name: shapes)
+    [(p, q)] = message_sizes(shapes, 2)
+    assert sizes == sorted({4000, p, q}) and notes == [f"powersgd:toy:2: bucket 0: P {p:,} B, Q {q:,} B"]
+    sizes, _ = message_sizes_of("powersgd:toy:2:1000", shapes_of=lambda name: shapes)
+    assert sizes == [4 * (64 * 32 + 64 + 5)]  # nothing compresses at that rate: one message per bucket
+    with pytest.raises(SystemExit, match="powersgd:MODEL:RANK"):
+        message_sizes_of("powersgd:nin")
