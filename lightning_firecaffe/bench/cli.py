@@ -30,12 +30,44 @@ def comm_algorithms(text: str) -> list[str]:
     return algorithms
 
 
+def model_shapes(model: str) -> list[tuple[int, ...]]:
+    """Parameter shapes of a registered model as the benchmarks build it (1000 classes)."""
+    from .plan import build_workload_model
+
+    return [tuple(p.shape) for p in build_workload_model(model).parameters() if p.requires_grad]
+
+
+def message_sizes_of(text: str, shapes_of=model_shapes) -> tuple[list[int], list[str]]:
+    """``--sizes`` of ``comm``: plain sizes (``64KB``) and ``powersgd:MODEL:RANK[:MIN_RATE]``, the distinct
+    P and Q message bytes of MODEL's DDP buckets at that rank (fp32, P with the uncompressed tensors).
+    Returns the sorted sizes and a line per expanded spec saying which message is which."""
+    from ..comm.low_rank_sizes import message_sizes
+
+    sizes, notes = set(), []
+    for token in _csv(text):
+        kind, _, rest = token.partition(":")
+        if kind != "powersgd":
+            sizes.add(parse_size(token))
+            continue
+        model, _, rank_text = rest.partition(":")
+        rank_text, _, rate = rank_text.partition(":")
+        if not model or not rank_text.isdigit():
+            raise SystemExit(f"--sizes: {token!r}: expected powersgd:MODEL:RANK[:MIN_RATE], e.g. powersgd:nin:4")
+        messages = message_sizes(shapes_of(model), int(rank_text), float(rate or 2.0))
+        sizes.update(n for pq in messages for n in pq if n)
+        notes.append(f"{token}: " + "; ".join(f"bucket {i}: P {p:,} B, Q {q:,} B" for i, (p, q) in enumerate(messages)))
+    return sorted(sizes), notes
+
+
 def cmd_comm(args: argparse.Namespace) -> int:
     from .comm import CommSpec, format_table, measure, save
 
     algorithms = comm_algorithms(args.algorithms)
+    sizes, notes = message_sizes_of(args.sizes)
+    for note in notes:
+        print(note)
     spec = CommSpec(
-        sizes=[parse_size(s) for s in _csv(args.sizes)],
+        sizes=sizes,
         algorithms=algorithms,
         reps=args.reps,
         arity=args.arity,
@@ -56,7 +88,7 @@ def cmd_comm(args: argparse.Namespace) -> int:
             reports.append(measure_on_cluster(spec, world, args.hosts_rate, args.ranks_per_host, args.timeout))
             where = f"emulated cluster, {args.hosts_rate} links"
         print(format_table([reports[-1]]), flush=True)
-    meta = {"where": where, "python": platform.python_version(), "argv": sys.argv[1:]}
+    meta = {"where": where, "python": platform.python_version(), "argv": sys.argv[1:], "sizes": notes}
     save(reports, Path(args.out) / "comm.json", Path(args.out) / "comm.png", meta)
     print(f"wrote {Path(args.out) / 'comm.json'} and {Path(args.out) / 'comm.png'}")
     return 0
@@ -84,9 +116,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ranks_per_node=args.gpus_per_node,
     )
     batches = [int(b) for b in _csv(args.batches)]
-    rows = plan_table(workload, args.gpus, link, batches, chunk_bytes=parse_size(args.chunk))
+    shapes = None if module is None else [tuple(p.shape) for p in module.parameters() if p.requires_grad]
+    chunk = parse_size(args.chunk)
+    rows = plan_table(workload, args.gpus, link, batches, shapes=shapes, chunk_bytes=chunk)
     print(format_plan(rows, workload, link))
-    curves = speedup_curves(workload, args.plot_batch, link, args.max_gpus, chunk_bytes=parse_size(args.chunk))
+    curves = speedup_curves(workload, args.plot_batch, link, args.max_gpus, shapes=shapes, chunk_bytes=chunk)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_speedup(curves, out / "plan.png", title=f"{name}, {args.plot_batch} images/GPU, {args.bandwidth} links")
@@ -123,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     comm = sub.add_parser("comm", help="time every all-reduce algorithm vs dist.all_reduce")
     comm.add_argument("--world-sizes", default="2,4", help="comma-separated, e.g. 2,4,8")
-    comm.add_argument("--sizes", default="4KB,1MB,25MB", help="message sizes, e.g. 1KB,1MB,25MB")
+    comm.add_argument(
+        "--sizes",
+        default="4KB,1MB,25MB",
+        help="message sizes, e.g. 1KB,1MB,25MB; powersgd:MODEL:RANK[:MIN_RATE] adds the P and Q message sizes "
+        "of MODEL's DDP buckets at that rank (e.g. powersgd:nin:4)",
+    )
     comm.add_argument(
         "--algorithms", default="all", help=f"'all' or a list from auto,{','.join(algorithm_names())},dist.all_reduce"
     )

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
+import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,17 +35,29 @@ def measure_on_cluster(spec, world_size: int, rate: str, ranks_per_host: int, ti
     return results[0].value
 
 
-def train_on_cluster(
-    args: argparse.Namespace, strategy: str, algorithm: str, worker_args: Callable[..., list[str]]
-) -> dict[str, Any]:
-    """One training run with one rank per host: Lightning sees num_nodes=hosts, devices=1."""
+def train_cluster(hosts: int, rate: str):
+    """A fresh emulated cluster for one training row (a row that hung leaves nothing for the next)."""
     from ..testing.cluster import EmulatedCluster, require_root
 
     require_root()
-    with tempfile.TemporaryDirectory() as tmp, EmulatedCluster(hosts=args.world_size, rate=args.hosts_rate) as cluster:
-        out = os.path.join(tmp, "result.json")
-        argv = [sys.executable, *worker_args(args, strategy, algorithm, out)]
-        if "lightning_firecaffe.bench.train_worker" in argv:  # Lightning: one rank per host
-            argv += ["--devices", "1", "--num-nodes", str(args.world_size)]
-        cluster.run(argv, timeout=args.timeout, backend=None)
-        return json.loads(Path(out).read_text())
+    return EmulatedCluster(hosts=hosts, rate=rate)
+
+
+def launch_on_cluster(
+    cluster, argv: list[str], lightning: bool, tmp: Path
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """One rank per host (Lightning sees num_nodes=hosts, devices=1); stderr of rank r in ``tmp/stderr{r}``."""
+    from ..testing.ranks import free_port
+
+    world = cluster.world_size
+    argv = [sys.executable, *argv] + (["--devices", "1", "--num-nodes", str(world)] if lightning else [])
+    port = free_port()
+    procs, errs = [], []
+    for rank in range(world):
+        errs.append(tmp / f"stderr{rank}")
+        with open(errs[-1], "wb") as err, open(tmp / f"stdout{rank}", "wb") as out:
+            env = {**os.environ, **cluster.rank_env(rank, world, port)}
+            procs.append(
+                cluster.popen(cluster.host_of(rank), argv, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            )
+    return procs, errs

@@ -4,6 +4,12 @@ Pure arithmetic on the cost model (the same ``predict`` the simulator, ``auto`` 
 use). An iteration on G GPUs with b images per GPU costs forward + backward compute, b * t_image, plus
 all-reducing the gradients in DDP-sized buckets. With overlap, communication hides behind backward
 (2/3 of compute) and only the excess is paid. Speedup compares images/s with one GPU at the same b.
+
+Given the model's parameter shapes, two communication-reducing options join as curves, each message
+priced with the fastest algorithm for its size (:mod:`..comm.savings`): low-rank gradients (PowerSGD's P
+and Q per DDP bucket, plus the compression's arithmetic on the GPU, :data:`..comm.savings.GPU`; both
+overlap backward like the all-reduce) and local SGD (a parameter average every H steps, amortised, which
+nothing overlaps).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..comm.cost_model import LinkModel, predict
+from ..comm.low_rank_sizes import Shape, bucket_bytes, message_sizes
+from ..comm.savings import GPU, ComputeModel, local_sgd_s, low_rank_compute_s, low_rank_sync_s
 from ..comm.schedules import algorithm_names
 
 BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb
@@ -64,16 +72,58 @@ def plan_point(workload: Workload, algorithm: str, gpus: int, batch_per_gpu: int
     return Prediction(algorithm, gpus, batch_per_gpu, comm, compute, overlapped, compute + comm)
 
 
+def _point(name: str, workload: Workload, gpus: int, batch: int, comm: float, overlappable: bool) -> Prediction:
+    compute = batch * workload.seconds_per_image
+    comm = comm if gpus > 1 else 0.0
+    backward = BACKWARD_SHARE * compute
+    overlapped = (compute - backward) + max(backward, comm) if overlappable else compute + comm
+    return Prediction(name, gpus, batch, comm, compute, overlapped, compute + comm)
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """A communication-reducing option priced from the model's parameter shapes."""
+
+    kind: str  # "powersgd" or "localsgd"
+    rank: int = 4
+    min_rate: float = 2.0
+    period: int = 8
+    compute: ComputeModel = GPU
+
+    @property
+    def name(self) -> str:
+        return f"powersgd r{self.rank}" if self.kind == "powersgd" else f"local SGD H={self.period}"
+
+    def point(self, workload: Workload, shapes: list[Shape], gpus: int, batch: int, link: LinkModel) -> Prediction:
+        if self.kind == "powersgd":
+            messages = message_sizes(shapes, self.rank, self.min_rate)
+            comm = low_rank_sync_s(messages, gpus, link) + low_rank_compute_s(
+                shapes, self.rank, self.min_rate, self.compute
+            )
+            return _point(self.name, workload, gpus, batch, comm, overlappable=True)
+        return _point(
+            self.name, workload, gpus, batch, local_sgd_s(bucket_bytes(shapes), gpus, link, self.period), False
+        )
+
+
+REDUCERS = (Reducer("powersgd", rank=4), Reducer("localsgd", period=8))
+
+
 def plan_table(
     workload: Workload,
     gpus: int,
     link: LinkModel,
     batches: Iterable[int],
     algorithms: Iterable[str] | None = None,
+    shapes: list[Shape] | None = None,
+    reducers: Iterable[Reducer] = REDUCERS,
     **kw,
 ) -> list[Prediction]:
-    """One row per (algorithm, per-GPU batch); every registered algorithm unless ``algorithms`` is given."""
-    return [plan_point(workload, a, gpus, b, link, **kw) for a in (algorithms or algorithm_names()) for b in batches]
+    """One row per (algorithm, per-GPU batch); every registered algorithm unless ``algorithms`` is given;
+    with ``shapes``, one per (reducer, batch) too."""
+    batches = list(batches)
+    rows = [plan_point(workload, a, gpus, b, link, **kw) for a in (algorithms or algorithm_names()) for b in batches]
+    return rows + [r.point(workload, shapes, gpus, b, link) for r in (reducers if shapes else ()) for b in batches]
 
 
 def speedup_curves(
@@ -82,14 +132,20 @@ def speedup_curves(
     link: LinkModel,
     max_gpus: int = 1024,
     algorithms: Iterable[str] | None = None,
+    shapes: list[Shape] | None = None,
+    reducers: Iterable[Reducer] = REDUCERS,
     **kw,
 ) -> dict[str, list[tuple[int, float, float]]]:
-    """Per algorithm: (GPUs, speedup with overlap, speedup without) for 1, 2, 4, ... max_gpus."""
+    """Per algorithm (and with ``shapes`` per reducer): (GPUs, speedup with overlap, speedup without) for 1, 2,
+    4, ... max_gpus."""
     gpu_counts = [2**i for i in range(int(math.log2(max_gpus)) + 1)]
     curves = {}
     for a in algorithms or algorithm_names():
         points = [plan_point(workload, a, g, batch_per_gpu, link, **kw) for g in gpu_counts]
         curves[a] = [(p.gpus, p.speedup, p.speedup_no_overlap) for p in points]
+    for r in reducers if shapes else ():
+        points = [r.point(workload, shapes, g, batch_per_gpu, link) for g in gpu_counts]
+        curves[r.name] = [(p.gpus, p.speedup, p.speedup_no_overlap) for p in points]
     return curves
 
 

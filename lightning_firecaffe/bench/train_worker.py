@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -53,9 +54,24 @@ class Bench(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+class Progress:
+    """Rank 0 writes the number of completed steps to a file after each step, so that the benchmark can
+    tell a slow row from a hung one ("no step in N s") without touching the ranks. ``path=None``: silent."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def step(self, done: int) -> None:
+        if self.path:
+            tmp = f"{self.path}.tmp"
+            Path(tmp).write_text(str(done))
+            os.replace(tmp, self.path)
+
+
 class StepTimer(Callback):
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, progress: Progress | None = None):
         self.warmup, self.times, self._t0 = warmup, [], 0.0
+        self.progress = progress or Progress(None)
 
     def on_train_batch_start(self, trainer, *args):
         self._t0 = time.perf_counter()
@@ -63,6 +79,8 @@ class StepTimer(Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t0)
+        if trainer.global_rank == 0:
+            self.progress.step(trainer.global_step)
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +92,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--progress", default=None, help="rank 0 writes the completed steps here after each step")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strategy", default="firecaffe", help="ddp, or firecaffe")
     p.add_argument("--algorithm", default="auto")
     p.add_argument("--compression", default=None, help="bf16 or fp16 on the wire (firecaffe)")
+    p.add_argument("--strategy-kwargs", default="{}", help="JSON: more FireCaffeStrategy options (a bench row's)")
+    p.add_argument("--label", default=None, help="the row's name in the result")
     add_workload_arguments(p)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--num-nodes", type=int, default=1)
@@ -88,12 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     algorithm, _, link = args.algorithm.partition(":")  # "auto:measure" = auto with measured links
+    extra = json.loads(args.strategy_kwargs)
     strategy = (
         "ddp"
         if args.strategy == "ddp"
-        else FireCaffeStrategy(algorithm=algorithm, link=link or None, compression=args.compression)
+        else FireCaffeStrategy(
+            **{"algorithm": algorithm, "link": link or None, "compression": args.compression, **extra}
+        )
     )
-    timer = StepTimer(args.warmup)
+    timer = StepTimer(args.warmup, Progress(args.progress))
     trainer = Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -113,12 +137,16 @@ def main(argv: list[str] | None = None) -> None:
         stats = getattr(trainer.strategy, "comm_stats", None)
         exposed = [s.exposed_s for s in list(stats.history)[args.warmup :]] if stats else []
         step = statistics.median(timer.times)
-        result = {
-            "strategy": args.strategy
+        label = (
+            args.strategy
             if args.strategy == "ddp"
-            else f"firecaffe:{args.algorithm}" + (f"+{args.compression}" if args.compression else ""),
+            else f"firecaffe:{args.algorithm}" + (f"+{args.compression}" if args.compression else "")
+        )
+        result = {
+            "strategy": args.label or label,
             "world_size": trainer.world_size,
             "step_s": step,
+            "step_mean_s": statistics.mean(timer.times),
             "steps_per_s": 1 / step,
             "images_per_s": trainer.world_size * args.batch / step,
             "exposed_share": (statistics.mean(exposed) / step) if exposed else None,

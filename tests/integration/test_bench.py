@@ -1,6 +1,7 @@
 """The comm benchmark on loopback ranks writes valid JSON and a PNG, with a row for every algorithm."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,35 @@ def test_comm_bench_with_compression_adds_torchs_hook_row_and_checks_every_sum(t
     assert set(rows) == {"auto", "tree", "native", "dist.all_reduce", "torch DDP+bf16_compress_hook"}
     # the model prices the 16-bit rows at half the bytes, the fp32 baseline at full
     assert rows["native"]["predicted_s"] < rows["dist.all_reduce"]["predicted_s"]
+
+
+@pytest.mark.timeout(120)
+def test_train_rows_a_row_that_breaks_is_reported_and_leaves_nothing_behind():
+    """Two plain torch rows on 2 loopback ranks: limit (no communication) runs; torch's powerSGD_hook at
+    rank 4 breaks on gloo (issue 18) and comes back as an outcome, its processes gone."""
+    import argparse
+
+    from lightning_firecaffe.bench.train import run_row
+    from lightning_firecaffe.bench.train_rows import ROWS
+    from lightning_firecaffe.processes import descendants
+
+    args = argparse.Namespace(
+        model="nin",
+        image_size=16,
+        batch=2,
+        steps=3,
+        warmup=1,
+        world_size=2,
+        hosts_rate=None,
+        timeout=90,
+        stall_timeout=40,
+    )
+    limit = run_row(args, ROWS["limit"])
+    assert limit.status == "ok", limit.detail
+    assert limit.result["strategy"] == "torch DDP+noop_hook (no comm)" and limit.result["world_size"] == 2
+    assert limit.result["images_per_s"] > 0
+    args.stall_timeout = 15  # it aborts at once, or hangs (seen both): it need not wait long to say so
+    broken = run_row(args, ROWS["torch-powersgd"])
+    assert broken.status in ("failed", "hung") and broken.result is None
+    assert broken.describe().startswith(f"{broken.status}: ") and len(broken.detail.splitlines()) == 1
+    assert descendants(os.getpid()) == []

@@ -89,3 +89,27 @@ def test_plan_can_measure_compute_here(capsys, tmp_path):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "measured forward+backward on this machine" in out and "nin: 30.4 MB of gradients" in out
+
+
+def test_plan_adds_low_rank_and_local_sgd_priced_from_the_shapes():
+    from lightning_firecaffe.bench.plan import REDUCERS, plan_table, speedup_curves
+    from lightning_firecaffe.comm.low_rank_sizes import bucket_bytes
+    from lightning_firecaffe.comm.savings import gradient_sync_s
+
+    shapes = [(64, 3, 7, 7), (64,), (192, 64, 3, 3), (192,), (1000, 1024), (1000,)] * 4
+    workload = Workload("small", 4 * sum(torch_numel(s) for s in shapes), 1 / 300)
+    link = LinkModel.from_gbit(10, latency_us=5)
+    rows = {(r.algorithm, r.batch_per_gpu): r for r in plan_table(workload, 128, link, [8], shapes=shapes)}
+    powersgd, local = rows[("powersgd r4", 8)], rows[("local SGD H=8", 8)]
+    assert powersgd.comm_s < rows[("ring", 8)].comm_s
+    assert local.comm_s == pytest.approx(gradient_sync_s(bucket_bytes(shapes), 128, link) / 8)
+    assert local.iteration_s == local.compute_s + local.comm_s  # an average overlaps nothing
+    curves = speedup_curves(workload, 8, link, max_gpus=16, shapes=shapes)
+    assert {r.name for r in REDUCERS} <= set(curves) and curves["powersgd r4"][0] == (1, 1.0, 1.0)
+    assert "powersgd r4" not in speedup_curves(workload, 8, link, max_gpus=16)  # no shapes, no reducers
+
+
+def torch_numel(shape):
+    import math
+
+    return math.prod(shape)
