@@ -36,6 +36,9 @@ from typing import Any
 
 import torch
 
+from . import low_rank_sizes as sizes
+from .low_rank_sizes import matrix_shape
+
 ParameterShapes = tuple[tuple[str, tuple[int, ...]], ...]
 """A bucket's parameters in buffer order: (name, shape)."""
 
@@ -53,33 +56,15 @@ class LowRankConfig:
         return step >= self.start_step
 
 
-def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """The matrix a tensor is compressed as: first dimension by the rest (a conv: out x in*kh*kw)."""
-    n = int(shape[0]) if len(shape) else 1
-    return n, math.prod(int(s) for s in shape[1:]) if len(shape) > 1 else 1
-
-
 def compressed_rank(shape: Sequence[int], config: LowRankConfig) -> int:
     """The rank a tensor of ``shape`` travels at, or 0 when it travels uncompressed (1-D, or too small to save
-    ``min_compression_rate``)."""
-    if len(shape) < 2:
-        return 0
-    n, m = matrix_shape(shape)
-    r = min(n, m, config.rank)
-    return r if n * m > config.min_compression_rate * r * (n + m) else 0
+    ``min_compression_rate``): the rule of :mod:`.low_rank_sizes`, which prices messages from shapes alone."""
+    return sizes.compressed_rank(tuple(shape), config.rank, config.min_compression_rate)
 
 
 def message_numels(shapes: ParameterShapes, config: LowRankConfig) -> tuple[int, int]:
     """Elements of a bucket's two messages: (uncompressed tensors + P factors, Q factors)."""
-    first = second = 0
-    for _, shape in shapes:
-        r = compressed_rank(shape, config)
-        n, m = matrix_shape(shape)
-        if r:
-            first, second = first + n * r, second + m * r
-        else:
-            first += math.prod(shape) if len(shape) else 1
-    return first, second
+    return sizes.bucket_message_numels([shape for _, shape in shapes], config.rank, config.min_compression_rate)
 
 
 def orthonormalise_(p: torch.Tensor, epsilon: float) -> None:
