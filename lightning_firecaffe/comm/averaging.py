@@ -189,7 +189,7 @@ def local_sgd_hook(state: LocalSGDHookState, bucket: dist.GradBucket) -> torch.f
         return done
     buffer.div_(state.node_size)
     index = bucket.index()
-    work = dist.all_reduce(buffer, group=state.node_group, async_op=True)
+    work = inner.transport.all_reduce(buffer, group=state.node_group)  # the package's one backend all-reduce
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         try:

@@ -100,9 +100,13 @@ def test_the_default_comparison_has_every_row_the_benchmark_promises():
         "ddp",
         "firecaffe",
         *(f"firecaffe_{k}x{w}" for k in (4, 8, 16) for w in ("", "_bf16")),
+        "firecaffe_4x_powersgd",
+        "firecaffe_4x_localsgd",
+        "ddp_4x",
         "ddp_8x",
         "ddp_16x",
     }
+    assert "strategy.model_averaging_period=8" in rows["firecaffe_4x_localsgd"]
     assert "strategy=ddp" in rows["ddp"] and "global_batch_size=32" in rows["ddp"]
     assert (
         "global_batch_size=512" in rows["firecaffe_16x"]
@@ -112,4 +116,5 @@ def test_the_default_comparison_has_every_row_the_benchmark_promises():
     # ddp at a multiple differs from firecaffe's row only by the strategy
     assert set(rows["ddp_8x"]) - set(rows["firecaffe_8x"]) == {"strategy=ddp"}
     pairs = same_batch_rows(default_configurations(32))
-    assert pairs["firecaffe_16x_bf16"] == "ddp_16x" and pairs["firecaffe"] == "ddp" and "firecaffe_4x" not in pairs
+    assert pairs["firecaffe_16x_bf16"] == "ddp_16x" and pairs["firecaffe"] == "ddp"
+    assert pairs["firecaffe_4x_powersgd"] == "ddp_4x"
