@@ -191,7 +191,7 @@ class LowRankBucket:
         for (name, matrix, q), p in zip(self.matrices, self._ps):
             q.copy_(second[offset : offset + q.numel()].view(q.shape))
             offset += q.numel()
-            average = torch.matmul(p, q.t())  # Q summed M_i / world_size: P Q^T approximates the average
-            # this rank's share of the loss (torch keeps M_i - P Q^T undivided; residuals here are divided)
-            torch.sub(matrix, average, alpha=1.0 / self.world_size, out=self.state.residuals[name])
-            matrix.copy_(average)
+            # this rank's share of the loss, M_i - P Q^T / p (torch keeps M_i - P Q^T undivided; residuals here
+            # are divided), in one fused pass; then P Q^T itself (Q summed M_i / p: it approximates the average)
+            torch.addmm(matrix, p, q.t(), alpha=-1.0 / self.world_size, out=self.state.residuals[name])
+            torch.matmul(p, q.t(), out=matrix)
