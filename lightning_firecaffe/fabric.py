@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -148,6 +149,9 @@ class FireCaffeStrategy(DDPStrategy):
                 "FireCaffe: the gradient path serves the first module set up; %s keeps DDP's own all-reduce",
                 type(module).__name__,
             )
+            return ddp
+        if not dist.is_initialized():  # one process set up without launch(): nobody to reduce with, no hook
+            log.debug("FireCaffe: no process group, so no gradient path to install on %s", type(module).__name__)
             return ddp
         self._ddp = ddp
         self.gradient_path.install(

@@ -87,3 +87,16 @@ def test_local_sgd_is_refused_naming_the_option():
     with pytest.raises(InvalidOption) as err:
         FireCaffeStrategy(model_averaging_period=4)
     assert err.value.option == "model_averaging_period" and "Trainer's" in str(err.value)
+
+
+def test_a_module_set_up_without_a_process_group_gets_no_gradient_path():
+    """Nobody to reduce with (Lightning's own unit tests set up a mocked DDP this way): no hook, no error."""
+    from unittest import mock
+
+    import torch
+
+    strategy = FireCaffeStrategy(parallel_devices=[torch.device("cpu")] * 2, watchdog=False)
+    with mock.patch("lightning.fabric.strategies.ddp.DistributedDataParallel") as ddp:
+        wrapped = strategy.setup_module(torch.nn.Linear(2, 2))
+    assert wrapped is ddp.return_value
+    assert strategy.gradient_path.hook_state is None
