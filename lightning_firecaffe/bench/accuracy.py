@@ -91,6 +91,14 @@ def same_batch_rows(configs: list[Configuration]) -> dict[str, str]:
     return {c.name: ddp[batch(c)] for c in configs if "strategy=ddp" not in c.overrides and batch(c) in ddp}
 
 
+def max_time(seconds: int) -> str:
+    """Lightning's ``DD:HH:MM:SS`` (two digits each: a budget of 900 s is ``00:00:15:00``)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """What every run shares: the budget, validation every ``--val-every`` of an epoch, no checkpoints."""
     seconds = int(args.budget_s)
@@ -98,7 +106,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "task_name=accuracy",
         f"model.lr={args.lr}",
         f"trainer.max_epochs={args.max_epochs}",
-        f"+trainer.max_time='00:00:00:{seconds:02d}'",  # Lightning's DD:HH:MM:SS; seconds may exceed 59
+        f"+trainer.max_time='{max_time(seconds)}'",
         f"+trainer.val_check_interval={args.val_every}",
         "trainer.log_every_n_steps=1",
         "callbacks.large_batch.decay=constant",

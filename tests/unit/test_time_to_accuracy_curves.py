@@ -94,6 +94,14 @@ def test_a_configuration_is_a_name_and_overrides():
             parse_configuration(bad)
 
 
+def test_budgets_are_written_as_lightning_reads_them():
+    from lightning_firecaffe.bench.accuracy import max_time
+
+    assert max_time(30) == "00:00:00:30"
+    assert max_time(900) == "00:00:15:00", "Lightning refuses '00:00:00:900'"
+    assert max_time(90061) == "01:01:01:01"
+
+
 def test_the_default_comparison_has_every_row_the_benchmark_promises():
     rows = {c.name: c.overrides for c in default_configurations(32)}
     assert set(rows) == {
