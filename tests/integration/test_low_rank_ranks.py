@@ -9,6 +9,7 @@
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_every_algorithm_sums_the_factors_to_the_same_bits_as_the_reference(worl
             assert torch.allclose(mine[0].double(), reference[step], rtol=1e-4, atol=1e-5), f"{algorithm}: {error}"
 
 
-def _ddp_nin(rank, world_size, start_step, die_at):
+def _ddp_nin(rank, world_size, start_step, die_at, stall=False, stall_timeout=10.0):
     from torch.nn.parallel import DistributedDataParallel
 
     from lightning_firecaffe.gradient_path import GradientPath
@@ -67,7 +68,7 @@ def _ddp_nin(rank, world_size, start_step, die_at):
 
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model("nin", num_classes=10, dropout=0.0))
-    options = dict(algorithm="tree", stall_timeout=10.0, watchdog=False)
+    options = dict(algorithm="tree", stall_timeout=stall_timeout, watchdog=False)
     if start_step is not None:
         options.update(compression="powersgd", powersgd_rank=4, powersgd_start_step=start_step)
     path, step, buckets = GradientPath(FireCaffeOptions(**options)), [0], {}
@@ -95,6 +96,8 @@ def _ddp_nin(rank, world_size, start_step, die_at):
     sent, failure = [], None
     for step[0] in range(4):
         if step[0] == die_at and rank == 1:
+            if stall:  # stopped, not gone: its connections stay open and silent
+                time.sleep(4 * stall_timeout)
             os._exit(3)
         x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
         before = state.executor.counters.bytes_sent
@@ -139,10 +142,13 @@ def test_through_ddp_full_gradients_before_the_start_step_then_what_the_rank_imp
 
 
 @pytest.mark.timeout(120)
-def test_a_peer_that_dies_during_a_factor_reduction_is_named():
-    results = run_ranks(_ddp_nin, 2, 1, 2, timeout=100)
+@pytest.mark.parametrize("stall", [False, True], ids=["dies", "stalls"])
+def test_a_peer_that_dies_or_stalls_during_a_factor_reduction_is_named(stall):
+    results = run_ranks(_ddp_nin, 2, 1, 2, stall, 3.0, timeout=100)
     status, value = results[0]
     assert status == "ok", results
     assert value["failure"] is not None and "rank 1" in value["failure"], value["failure"]
     assert "PowerSGD's P message" in value["failure"], value["failure"]
+    happened = "did not answer within 3 s" if stall else "closed its connection"
+    assert happened in value["failure"], value["failure"]
     assert len(value["sent"]) == 2, "it failed at the step rank 1 died (step 2)"
