@@ -152,6 +152,14 @@ class GradientPath:
         weights (DDP has just broadcast rank 0's)."""
         o = self.options
         plan = AveragingPlan(o.model_averaging_period, o.averaging_start_step)
+        if ranks_per_node >= world_size and rank_zero_only.rank == 0:
+            log.warning(
+                "FireCaffe local SGD: all %d ranks are on one node, so their gradients are averaged together every "
+                "step (as torch's post-local SGD does inside a node): model_averaging_period=%d saves no "
+                "communication here; it pays off across nodes",
+                world_size,
+                plan.period,
+            )
         groups, mine, size = [], None, 1
         for ranks in node_groups(world_size, ranks_per_node):
             group = dist.new_group(ranks, backend=backend, timeout=timedelta(seconds=self.stall_timeout))
