@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from lightning_firecaffe.comm.schedules import algorithm_names
@@ -69,7 +71,7 @@ def test_train_rows_a_row_that_breaks_is_reported_and_leaves_nothing_behind():
 
     from lightning_firecaffe.bench.train import run_row
     from lightning_firecaffe.bench.train_rows import ROWS
-    from lightning_firecaffe.processes import descendants
+    from lightning_firecaffe.processes import alive, descendants
 
     args = argparse.Namespace(
         model="nin",
@@ -82,6 +84,7 @@ def test_train_rows_a_row_that_breaks_is_reported_and_leaves_nothing_behind():
         timeout=90,
         stall_timeout=40,
     )
+    before = set(descendants(os.getpid()))  # this worker's own (other tests'): not this row's to stop
     limit = run_row(args, ROWS["limit"])
     assert limit.status == "ok", limit.detail
     assert limit.result["strategy"] == "torch DDP+noop_hook (no comm)" and limit.result["world_size"] == 2
@@ -90,4 +93,9 @@ def test_train_rows_a_row_that_breaks_is_reported_and_leaves_nothing_behind():
     broken = run_row(args, ROWS["torch-powersgd"])
     assert broken.status in ("failed", "hung") and broken.result is None
     assert broken.describe().startswith(f"{broken.status}: ") and len(broken.detail.splitlines()) == 1
-    assert descendants(os.getpid()) == []
+    left = [p for p in descendants(os.getpid()) if p not in before and alive(p)]
+    deadline = time.monotonic() + 5  # a killed process is reaped a moment after its pipes close
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if alive(p)]
+    assert not left, [psutil.Process(p).cmdline() for p in left if alive(p)]
