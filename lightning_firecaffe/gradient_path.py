@@ -365,10 +365,10 @@ class GradientPath:
         local, state = self.local_sgd, self.hook_state
         if local is None or not local.plan.averages_after(step):
             return
-        wire = torch.bfloat16 if self.options.averaging_wire == "bf16" else None
-        averager = self.averager
+        fmt, averager = self.options.averaging_wire_format, self.averager
+        wire = fmt.dtype if fmt is not None else None
         element = averager.params[0].element_size() if averager.params else 4
-        nbytes = averager.numel() * (min(element, 2) if wire is not None else element)
+        nbytes = averager.numel() * (min(element, fmt.itemsize) if fmt is not None else element)
         algorithm = averaging_algorithm(state.selector, nbytes)
         schedule = state.selector.schedule_for(nbytes, algorithm)
 

@@ -20,6 +20,13 @@ from .watchdog.verdict import bad_allowances, merge_allowances
 
 OWNER = "FireCaffeStrategy"
 LOW_RANK = "powersgd"
+#: the ``powersgd_*`` options -> the LowRankConfig field each sets (None: not a LowRankConfig field)
+LOW_RANK_OPTIONS = {
+    "powersgd_rank": "rank",
+    "powersgd_start_step": "start_step",
+    "powersgd_min_compression_rate": "min_compression_rate",
+    "powersgd_wire": None,
+}
 TRAINER_ONLY = ("model_averaging_period", "averaging_start_step", "averaging_wire")  # local SGD: see fabric.py
 
 
@@ -104,14 +111,8 @@ class FireCaffeOptions:
         )
 
     def _check_low_rank(self) -> None:
-        given = {
-            "powersgd_rank": self.powersgd_rank,
-            "powersgd_start_step": self.powersgd_start_step,
-            "powersgd_min_compression_rate": self.powersgd_min_compression_rate,
-            "powersgd_wire": self.powersgd_wire,
-        }
-        for option, value in given.items():
-            why = "applies only with compression='powersgd'"
+        for option in LOW_RANK_OPTIONS:
+            value, why = getattr(self, option), "applies only with compression='powersgd'"
             require(value is None or self.compression == LOW_RANK, OWNER, option, value, why)
         rank, start, rate = self.powersgd_rank, self.powersgd_start_step, self.powersgd_min_compression_rate
         require(rank is None or (is_int(rank) and rank >= 1), OWNER, "powersgd_rank", rank, "must be an integer >= 1")
@@ -208,16 +209,16 @@ class FireCaffeOptions:
         """PowerSGD's knobs with ``compression="powersgd"`` (unset ones at their defaults), else None."""
         if self.compression != LOW_RANK:
             return None
-        given = {
-            "rank": self.powersgd_rank,
-            "start_step": self.powersgd_start_step,
-            "min_compression_rate": self.powersgd_min_compression_rate,
-        }
+        given = {field: getattr(self, option) for option, field in LOW_RANK_OPTIONS.items() if field is not None}
         return LowRankConfig(**{k: v for k, v in given.items() if v is not None})
 
     @property
     def low_rank_wire(self) -> WireFormat | None:
         return wire_format(self.powersgd_wire)
+
+    @property
+    def averaging_wire_format(self) -> WireFormat | None:
+        return wire_format(self.averaging_wire)
 
     @property
     def tunes(self) -> bool:

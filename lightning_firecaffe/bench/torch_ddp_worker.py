@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--powersgd-start", type=int, default=2, help="torch's minimum with error feedback")
     p.add_argument("--period", type=int, default=8, help="local SGD: average parameters every so many steps")
     p.add_argument("--localsgd-start", type=int, default=2, help="local SGD: steps of full DDP first")
-    p.add_argument("--label", default=None, help="the row's name (the result names the torch configuration)")
     add_workload_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -33,7 +33,7 @@ class Row:
         """The worker module and the row's own arguments (the workload's are added by the benchmark)."""
         if self.worker == TORCH:
             flags = [a for k, v in self.options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-            return ["-m", "lightning_firecaffe.bench.torch_ddp_worker", *flags, "--label", self.name]
+            return ["-m", "lightning_firecaffe.bench.torch_ddp_worker", *flags]  # its result names the torch setup
         args = ["-m", "lightning_firecaffe.bench.train_worker", "--strategy", self.strategy, "--label", self.name]
         options = dict(self.options)
         if "algorithm" in options:

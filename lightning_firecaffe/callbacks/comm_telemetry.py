@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,7 +36,7 @@ class CommTelemetry(Callback):
         self._logged_steps = 0
         self._logged_choices: set[int] = set()
         self._batch_started = 0.0
-        self._batch_s: list[float] = []
+        self._batch_s: deque[float] = deque(maxlen=1000)  # as many as CommStats keeps steps
 
     @staticmethod
     def _stats(trainer: pl.Trainer):
@@ -47,8 +48,7 @@ class CommTelemetry(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if len(self._batch_s) < 100_000:
-            self._batch_s.append(time.perf_counter() - self._batch_started)
+        self._batch_s.append(time.perf_counter() - self._batch_started)
         stats = self._stats(trainer)
         if stats is None or stats.completed_steps == self._logged_steps:
             return  # no new optimizer step (e.g. accumulating gradients)
@@ -72,17 +72,21 @@ class CommTelemetry(Callback):
         steady = list(stats.history)[len(stats.history) // 2 :]
         exposed = statistics.mean(s.exposed_s for s in steady)
         busy = statistics.mean(s.busy_s for s in steady)
-        batches = self._batch_s[len(self._batch_s) // 2 :]
+        batches = list(self._batch_s)[len(self._batch_s) // 2 :]
         step = statistics.median(batches) * trainer.accumulate_grad_batches if batches else None
+        options = getattr(trainer.strategy, "options", None)
+        if options is not None and (options.low_rank is not None or options.local_sgd):
+            return format_savings(step, exposed, [])  # the prices are against full gradients, not this run's
         shapes = [tuple(p.shape) for p in pl_module.parameters() if p.requires_grad]
         on_gpu = trainer.strategy.root_device.type == "cuda"
+        wire = options.wire_format if options is not None else None
         savings = price_options(
             exposed_s=exposed,
             busy_s=busy,
             shapes=shapes,
             world_size=trainer.world_size,
             link=_link(trainer.strategy, stats, trainer.num_devices),
-            wire_itemsize=2 if stats.wire_format else 4,
+            wire_itemsize=wire.itemsize if wire is not None else 4,
             compute=GPU if on_gpu else CPU_CORE,
         )
         return format_savings(step, exposed, savings)

@@ -393,24 +393,24 @@ def reduce_low_rank(state: FireCaffeHookState, job: BucketJob) -> None:
     started = time.perf_counter()
     bucket = LowRankBucket(state.low_rank, job.buffer, job.shapes, state.world_size)
     first = bucket.first_message()
-    reduce_message(state, first, job, "P")
+    wire = reduce_message(state, first, job, "P")
     second = bucket.second_message(first)
-    reduce_message(state, second, job, "Q")
+    wire += reduce_message(state, second, job, "Q")
     bucket.finish(second)
     elapsed = time.perf_counter() - started
     if job.is_last and state.selector.tuning:
         exchange_measurements(state, job.step)
     sent = counters.bytes_sent - sent0
     full = job.buffer.numel() * job.buffer.element_size()
-    wire = (first.numel() + second.numel()) * (first.element_size() if state.low_rank_wire is None else 2)
     saved = sent * full // wire - sent if wire else 0
     state.stats.bucket_done(sent, counters.bytes_received - received0, elapsed, job.is_last, saved=saved)
 
 
-def reduce_message(state: FireCaffeHookState, message: torch.Tensor, job: BucketJob, what: str) -> None:
-    """Sum one low-rank message across ranks in place; ``what`` names it in a stall's error."""
+def reduce_message(state: FireCaffeHookState, message: torch.Tensor, job: BucketJob, what: str) -> int:
+    """Sum one low-rank message across ranks in place; ``what`` names it in a stall's error. Returns its
+    size on the wire."""
     if message.numel() == 0:
-        return
+        return 0
     itemsize = message.element_size() if state.low_rank_wire is None else state.low_rank_wire.itemsize
     nbytes = message.numel() * itemsize
     decision = state.selector.decide(nbytes)
@@ -428,6 +428,7 @@ def reduce_message(state: FireCaffeHookState, message: torch.Tensor, job: Bucket
         raise exc.during(f"PowerSGD's {what} message, {nbytes} bytes, {decision.algorithm}") from exc.__cause__
     if decision.trial:
         state.selector.tuner.record(nbytes, decision.algorithm, time.perf_counter() - started)
+    return nbytes
 
 
 def exchange_measurements(state: FireCaffeHookState, step: int) -> None:

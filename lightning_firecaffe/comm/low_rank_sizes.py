@@ -41,10 +41,6 @@ def compressed_rank(shape: Shape, rank: int, min_rate: float = 2.0) -> int:
     return r if n * m > min_rate * (n + m) * r else 0
 
 
-def compressible(shape: Shape, rank: int, min_rate: float = 2.0) -> bool:
-    return compressed_rank(shape, rank, min_rate) > 0
-
-
 def ddp_buckets(
     shapes: Sequence[Shape],
     bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,

@@ -119,7 +119,11 @@ def price_options(
 
 def format_savings(step_s: float | None, exposed_s: float, savings: Sequence[Saving]) -> str:
     """e.g. ``Exposed communication 41.0 ms/step (62 % of a 66.1 ms step). Priced by the cost model, not turned
-    on: bf16 wire: -18.2 ms/step; powersgd rank 4: -39.5 ms/step; local SGD H=8: -35.9 ms/step.``"""
+    on: bf16 wire: -18.2 ms/step; powersgd rank 4: -39.5 ms/step; local SGD H=8: -35.9 ms/step.``; without
+    ``savings`` (nothing priced) only the first sentence."""
     share = f" ({100 * exposed_s / step_s:.0f} % of a {1e3 * step_s:.1f} ms step)" if step_s and step_s > 0 else ""
+    head = f"Exposed communication {1e3 * exposed_s:.1f} ms/step{share}."
+    if not savings:
+        return head
     priced = "; ".join(f"{s.option}: {-1e3 * s.saved_s:+.1f} ms/step" for s in savings)
-    return f"Exposed communication {1e3 * exposed_s:.1f} ms/step{share}. Priced by the cost model, not turned on: {priced}."
+    return f"{head} Priced by the cost model, not turned on: {priced}."

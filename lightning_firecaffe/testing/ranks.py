@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import socket
 import subprocess
 import sys
@@ -92,18 +93,48 @@ def first_result(results: dict[int, tuple]) -> Any:
     return results[0][1]
 
 
+def child_environment(env: dict[str, str] | None = None, *, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment of a script that launches its own ranks: rank variables inherited from a surrounding
+    job dropped (the child would think it was launched externally and wait for peers that never come), and
+    ``drop`` too; one intra-op thread per process, unbuffered output, no warnings."""
+    environment = dict(os.environ if env is None else env)
+    for key in (*_RANK_VARIABLES, *drop):
+        environment.pop(key, None)
+    environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    return environment
+
+
 def run_launcher_script(
     argv: list[str], *, timeout: float, cwd: Any = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python argv...`` whose Trainer launches its own ranks; output is captured, ``timeout`` enforced.
-
-    Rank variables inherited from a surrounding job are dropped (the child would think it was launched
-    externally and wait for peers that never come) and every process gets one intra-op thread.
-    """
-    environment = dict(os.environ if env is None else env)
-    for key in _RANK_VARIABLES:
-        environment.pop(key, None)
-    environment.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    """Run ``python argv...`` whose Trainer launches its own ranks; output is captured, ``timeout`` enforced."""
     return subprocess.run(
-        [sys.executable, *map(str, argv)], env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *map(str, argv)],
+        env=child_environment(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def run_in_session(command: list[str], *, timeout: float, drop: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Run ``command`` (which launches its own ranks) in a session of its own: returns its exit status and
+    its stdout and stderr interleaved, once every process holding its output is gone. If it is not done
+    within ``timeout`` the whole session is killed (ranks included, so a failing test leaves nothing behind)
+    and :class:`subprocess.TimeoutExpired` carries what it printed."""
+    proc = subprocess.Popen(
+        [str(c) for c in command],
+        env=child_environment(drop=drop),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=output) from None
+    return proc.returncode, output

@@ -8,8 +8,6 @@ the same ranks (``scripts/fabric_job.py --runs``); the other launchers get one r
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,30 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_firecaffe.testing.ranks import run_in_session
+
 SCRIPT = Path(__file__).parent / "scripts" / "fabric_job.py"
 CONFIGS = ("plain", "accum", "bf16")
+CLI = ("LT_CLI_USED",)  # set by `fabric run`: a job started from a test must not inherit it
 
 
 def launch(out: Path, *runs: str, cli: bool = False, timeout: float = 150) -> str:
     """Run the script as a user would (its launcher re-runs the command line), in its own session."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR", "LT_CLI_USED"):
-        env.pop(key, None)
     command = [sys.executable, str(SCRIPT)]
     if cli:
         command = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2"]
         command.append(str(SCRIPT))
-    command += ["--out", str(out), "--runs", *runs]
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
     try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the job hung ({timeout} s):\n{output[-5000:]}")
-    assert proc.returncode == 0, output[-5000:]
+        returncode, output = run_in_session([*command, "--out", out, "--runs", *runs], timeout=timeout, drop=CLI)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the job hung ({timeout} s):\n{hung.output[-5000:]}")
+    assert returncode == 0, output[-5000:]
     return output
 
 

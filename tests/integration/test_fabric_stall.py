@@ -1,8 +1,6 @@
 """The watchdog under Fabric: a rank that hangs in the user's own loop (between steps, not in a collective
 of ours) is named within stall_timeout + 30 s, and every rank exits non-zero, leaving no process behind."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_firecaffe.processes import alive
+from lightning_firecaffe.testing.ranks import run_in_session
 
 SCRIPT = Path(__file__).parent / "scripts" / "fabric_job.py"
 T = 6.0  # stall_timeout
@@ -18,27 +17,14 @@ T = 6.0  # stall_timeout
 
 @pytest.mark.timeout(120)
 def test_rank_stalled_in_the_users_loop_is_named_and_every_rank_stops(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR", "LT_CLI_USED"):
-        env.pop(key, None)
-    command = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--runs", "firecaffe:stall"]
-    proc = subprocess.Popen(
-        [*command, "--stall-timeout", str(T)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    command = [sys.executable, SCRIPT, "--out", tmp_path, "--runs", "firecaffe:stall", "--stall-timeout", str(T)]
     try:
-        output, _ = proc.communicate(timeout=100)  # returns once every process holding the pipe is gone
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the job hung:\n{output[-5000:]}")
+        returncode, output = run_in_session(command, timeout=100, drop=("LT_CLI_USED",))
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the job hung:\n{hung.output[-5000:]}")
     took = time.time() - float((tmp_path / "fault_at").read_text())
     assert took < T + 30, f"{took:.0f} s after the fault\n{output[-4000:]}"
-    assert proc.returncode != 0, output[-4000:]  # rank 0: the error naming rank 1
+    assert returncode != 0, output[-4000:]  # rank 0: the error naming rank 1
     assert "stopping rank 1 (exit code 70)" in output, output[-4000:]  # rank 1: its own watchdog
     named = [line for line in output.splitlines() if "rank 1 is alive but has not progressed" in line]
     assert named and all("after optimizer step 3: user code" in line for line in named), output[-4000:]

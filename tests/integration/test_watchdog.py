@@ -7,8 +7,6 @@ own session so that a test that fails still kills everything it started.
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,30 +15,18 @@ from pathlib import Path
 import pytest
 
 from lightning_firecaffe.processes import alive
+from lightning_firecaffe.testing.ranks import run_in_session
 
 SCRIPT = Path(__file__).parent / "scripts" / "watchdog_job.py"
 T = 10.0  # stall_timeout of these tests
 
 
 def run_job(out: Path, *args: str, timeout: float = 150) -> tuple[int, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--stall-timeout", str(T), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    command = [sys.executable, SCRIPT, "--out", out, "--stall-timeout", str(T), *args]
     try:
-        output, _ = proc.communicate(timeout=timeout)  # returns once every process holding the pipe is gone
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the job hung ({timeout} s):\n{output[-5000:]}")
-    return proc.returncode, output
+        return run_in_session(command, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the job hung ({timeout} s):\n{hung.output[-5000:]}")
 
 
 def assert_stopped_in_time_and_nothing_left(out: Path, rc: int, output: str) -> None:

@@ -64,6 +64,9 @@ def large_batch_of(objs: dict) -> LargeBatchScaling:
     return lb
 
 
+DEMO_CALLBACKS = {"large_batch", "checkpoint", "progress_bar", "requeue", "training_clock"}
+
+
 # ------------------------------------------------------------------------------------------------ layout
 def test_packaged_configs_are_conf(tmp_path):
     """``conf/`` is the single source of truth: the package's config dir is it, and package-data covers it."""
@@ -90,13 +93,7 @@ def test_default_config_is_the_embedded_demo(tmp_path):
     assert cfg.data._target_.endswith("demo_datamodule")
     assert cfg.strategy._target_ == "lightning_firecaffe.FireCaffeStrategy"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
-    assert set(cfg.callbacks) == {
-        "large_batch",
-        "checkpoint",
-        "progress_bar",
-        "requeue",
-        "training_clock",
-    }  # no LR monitor
+    assert set(cfg.callbacks) == DEMO_CALLBACKS  # no LR monitor
     assert cfg.data.batch_size * cfg.trainer.devices == cfg.global_batch_size == 64
     # the demo's LR: 0.01 at batch 32, the only callback setting the run changes
     assert cfg.model.lr == 0.01
@@ -145,14 +142,7 @@ def test_logger_options_build_their_loggers(override, loggers, tmp_path):
 
 def test_lr_monitor_is_opt_in(tmp_path):
     cfg = compose_cfg(tmp_path, "callbacks=[demo,lr_monitor]")
-    assert set(cfg.callbacks) == {
-        "large_batch",
-        "checkpoint",
-        "progress_bar",
-        "requeue",
-        "training_clock",
-        "lr_monitor",
-    }
+    assert set(cfg.callbacks) == DEMO_CALLBACKS | {"lr_monitor"}
     assert cfg.callbacks.large_batch.reference_batch == 32
 
 

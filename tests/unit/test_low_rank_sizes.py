@@ -7,7 +7,6 @@ import torch.distributed as dist
 from lightning_firecaffe.comm.low_rank_sizes import (
     bucket_bytes,
     compressed_rank,
-    compressible,
     ddp_buckets,
     matrix_shape,
     message_sizes,
@@ -18,10 +17,10 @@ from lightning_firecaffe.models import build_model
 def test_matrix_view_and_the_compression_rule():
     assert matrix_shape((192, 96, 3, 3)) == (192, 864)  # conv: out x in*kh*kw
     assert matrix_shape((10,)) == (10, 1) and matrix_shape(()) == (1, 1)
-    assert not compressible((4096,), rank=4)  # 1-D never
+    assert compressed_rank((4096,), rank=4) == 0  # 1-D never
     # n m > min_rate (n + m) r: 16 x 16 = 256 vs 2 * 32 * 4 = 256 -> uncompressed; 17 x 16 compresses
-    assert not compressible((16, 16), rank=4) and compressible((17, 16), rank=4)
-    assert compressible((16, 16), rank=4, min_rate=1.9)
+    assert compressed_rank((16, 16), rank=4) == 0 and compressed_rank((17, 16), rank=4) > 0
+    assert compressed_rank((16, 16), rank=4, min_rate=1.9) > 0
     assert compressed_rank((3, 1000), rank=4, min_rate=0) == 3  # rank capped by the smaller side
     assert compressed_rank((192, 96, 3, 3), rank=2) == 2
 

@@ -103,3 +103,35 @@ def test_end_of_fit_summary_prices_the_options_of_the_steady_state(caplog):
     expected = price_options(exposed_s=0.04, busy_s=0.05, shapes=SHAPES, world_size=4, link=LINK)
     assert caplog.messages[-1] == format_savings(0.1, 0.04, expected)
     assert "FireCaffe (auto): 10 steps" in caplog.messages[-2]
+
+
+@pytest.mark.parametrize(
+    "options, offered",
+    [
+        ({}, ["bf16 wire", "powersgd rank 4", "local SGD H=8"]),
+        ({"compression": "bf16"}, ["powersgd rank 4", "local SGD H=8"]),  # already on a 16-bit wire
+        ({"compression": "powersgd"}, []),  # the run sends no full gradients: nothing is priced against it
+        ({"model_averaging_period": 8}, []),
+    ],
+)
+def test_the_end_of_fit_summary_prices_options_against_the_run_it_measured(options, offered):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_firecaffe.callbacks.comm_telemetry import CommTelemetry
+    from lightning_firecaffe.comm.telemetry import CommStats
+    from lightning_firecaffe.strategy_options import FireCaffeOptions
+
+    stats = CommStats()
+    for _ in range(4):
+        stats.bucket_ready(is_last=True)
+        stats.bucket_done(1000, 1000, 0.02, is_last=True)
+    strategy = SimpleNamespace(
+        options=FireCaffeOptions(**options), root_device=torch.device("cpu"), measured_link=LINK, comm_stats=stats
+    )
+    trainer = SimpleNamespace(strategy=strategy, world_size=4, num_devices=1, accumulate_grad_batches=1)
+    text = CommTelemetry()._priced(trainer, torch.nn.Linear(64, 64), stats)
+    assert text.startswith("Exposed communication")
+    priced = text.split("not turned on: ")[1].rstrip(".").split("; ") if "not turned on" in text else []
+    assert [p.split(":")[0] for p in priced] == offered, text
