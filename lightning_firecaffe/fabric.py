@@ -33,6 +33,7 @@ from .comm.telemetry import CommStats, step_metrics
 from .compat import launched_pids
 from .gradient_path import GradientPath, options_from
 from .options import require
+from .process_groups import end_process_groups_at_exit, training_failed
 from .strategy_names import register_names
 from .strategy_options import OWNER, TRAINER_ONLY
 from .watchdog import beat
@@ -136,6 +137,7 @@ class FireCaffeStrategy(DDPStrategy):
         self.gradient_path.configure_gloo(self._get_process_group_backend(), self.world_size, main_address, announce)
         super().setup_environment()
         self.gradient_path.start_watchdog(self.global_rank, self.world_size, lambda: launched_pids(self))
+        end_process_groups_at_exit()  # after teardown (atexit runs in reverse), if the run succeeded
         if self._exit_hook is None:  # Fabric has no teardown: the process is restored when it exits
             self._exit_hook = self.teardown
             atexit.register(self._exit_hook)
@@ -202,6 +204,7 @@ class FireCaffeStrategy(DDPStrategy):
 
     def _failed(self, error: BaseException) -> None:
         """Training failed here: the others hear why, and ranks this process launched do not outlive it."""
+        training_failed()
         self.gradient_path.restore_process(error, launched_pids(self))
 
     # ------------------------------------------------------------------ checkpoints

@@ -28,6 +28,7 @@ from .comm.telemetry import CommStats
 from .compat import launched_pids, trainer_of
 from .errors import PeerStallError, closed_connection
 from .gradient_path import GradientPath, options_from
+from .process_groups import end_process_groups_at_exit, training_failed
 from .strategy_names import register_names
 from .watchdog import Watchdog, beat
 
@@ -271,6 +272,7 @@ class FireCaffeStrategy(DDPStrategy):
         main_address, announce = self.cluster_environment.main_address, self.local_rank == 0
         self.gradient_path.configure_gloo(self._get_process_group_backend(), self.world_size, main_address, announce)
         super().setup_environment()
+        end_process_groups_at_exit()  # Lightning leaves the group alive, and gloo may abort the exit then
         trainer = trainer_of(self.lightning_module)
         if trainer is not None:
             self._add_callbacks(trainer)
@@ -295,6 +297,7 @@ class FireCaffeStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
         self._failed_with = exception  # teardown tells the other ranks, and stops launched ranks that hang
+        training_failed()  # the groups stay for the exit to drop (a destroy could wait on a dead peer)
 
     @override
     def teardown(self) -> None:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, read_write
 
 from . import app_checks
 from .large_batch import TrainingDiverged
+from .process_groups import end_process_groups
 
 DIVERGED_EXIT_CODE = 3  # the divergence guard stopped the run (LargeBatchScaling, callbacks.large_batch.guard)
 CONFIG_PATH = "conf"  # relative to this file: lightning_firecaffe/conf -> ../conf
@@ -47,9 +48,11 @@ def _in_multirun() -> bool:
 
 
 class _JobIsolation:
-    """Under ``-m`` the basic launcher runs the jobs one after another in this process: undo what a job's
-    launch left behind (``sys.argv``, ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT``..., the process group),
-    or the next job's Trainer would think its processes are created externally and wait for dead peers."""
+    """A job that ran ends its process group (:func:`end_process_groups`: gloo may abort the process at exit
+    otherwise). Under ``-m`` the basic launcher runs the jobs one after another in this process: undo what
+    a job's launch left behind (``sys.argv``, ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT``..., the process
+    group, even after a failure), or the next job's Trainer would think its processes are created externally
+    and wait for dead peers."""
 
     def __enter__(self) -> None:
         self.active = _in_multirun()
@@ -57,13 +60,11 @@ class _JobIsolation:
             self.argv, self.environ = list(sys.argv), dict(os.environ)
             _child_argv_for_multirun()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None or self.active:
+            end_process_groups()
         if not self.active:
             return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
         sys.argv[:] = self.argv
         os.environ.clear()
         os.environ.update(self.environ)

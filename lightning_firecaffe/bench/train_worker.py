@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 import lightning_firecaffe  # noqa: F401
 from lightning_firecaffe import FireCaffeStrategy
 from lightning_firecaffe.models import build_model
+from lightning_firecaffe.process_groups import end_process_groups
 
 
 class SyntheticImages(Dataset):
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             "algorithms": dict(stats.algorithms) if stats else {},
         }
         Path(args.out).write_text(json.dumps(result))
+    end_process_groups()
 
 
 if __name__ == "__main__":

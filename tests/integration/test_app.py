@@ -87,6 +87,31 @@ def test_the_default_run_trains_its_epoch_within_a_minute_and_the_guard_leaves_i
     assert "training diverged" not in r.stderr
 
 
+def _job_leaves_group(rank: int, world_size: int, fails: bool) -> bool:
+    import torch.distributed as dist
+
+    from lightning_firecaffe.train import _JobIsolation
+
+    try:
+        with _JobIsolation():
+            dist.barrier()
+            if fails:
+                raise RuntimeError("the user's model failed")
+    except RuntimeError:
+        pass
+    return dist.is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_a_job_that_succeeded_ends_its_process_group_and_a_failed_one_leaves_it():
+    """A process that exits with its gloo group alive may abort at exit (SIGABRT after a run that passed, seen
+    in CI); after a failure a destroy could wait on a dead peer, so the group stays for the exit to drop."""
+    from lightning_firecaffe.testing.ranks import first_result, run_ranks
+
+    assert first_result(run_ranks(_job_leaves_group, 2, False)) is False
+    assert first_result(run_ranks(_job_leaves_group, 2, True)) is True
+
+
 @pytest.mark.timeout(180)
 def test_overrides_change_the_run(tmp_path):
     r = run_app(

@@ -78,6 +78,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import lightning_firecaffe  # registers strategy="firecaffe"
     from lightning_firecaffe.data import demo_datamodule
     from lightning_firecaffe.models import ImageClassifier, NiN
+    from lightning_firecaffe.process_groups import end_process_groups
 
     root, out, strategy, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
@@ -103,6 +104,7 @@ TRAIN_SCRIPT = textwrap.dedent(
         metrics.update(steps=trainer.global_step, seconds=time.time() - start, world=trainer.world_size)
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(metrics, f)
+    end_process_groups()
     """
 )
 

@@ -87,6 +87,9 @@ def test_spawn_launcher_and_fabric_run_give_ddps_weights(popen_runs, tmp_path):
         ddp = weights(out, "ddp", "plain", rank)
         assert_bitwise_equal(weights(spawn, "firecaffe_spawn", "plain", rank), ddp, "spawn launcher")
         assert_bitwise_equal(weights(cli, "firecaffe", "plain", rank), ddp, "fabric run")
+    for out_dir in (spawn, cli):  # the script leaves its groups alone: the strategy ended them after success
+        exits = {rank: json.loads((out_dir / f"exit-rank{rank}.json").read_text()) for rank in (0, 1)}
+        assert exits == {0: {"groups_alive": False}, 1: {"groups_alive": False}}, out_dir.name
 
 
 @pytest.mark.timeout(200)

@@ -7,19 +7,24 @@ under ``fabric.no_backward_sync``), ``bf16`` (bf16-mixed precision), ``ef`` (bf1
 tuned ``auto``: 8 steps straight, saving with ``fabric.save`` after step 3: tuned choices follow timings,
 so the straight run is the one that saved), ``ef_resume`` (``fabric.load``, then steps 4-7), ``stall``
 (rank 1 sleeps in its own loop after step 3).
-Works under ``fabric run`` too (no ``launch()`` then).
+Works under ``fabric run`` too (no ``launch()`` then). A script with a ``ddp`` run ends its process groups
+itself, as any DDP script should; one with only firecaffe runs leaves that to the strategy, and each
+rank's last exit handler writes whether the groups were still alive to ``OUT/exit-rank<r>.json``.
 """
 
 import argparse
+import atexit
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.fabric import Fabric
 
 import lightning_firecaffe  # noqa: F401  (registers strategy="firecaffe" with Fabric)
+from lightning_firecaffe.process_groups import end_process_groups
 
 STEPS = {"ef": 8, "ef_resume": 8}
 SAVE_AT = 4  # ef: steps done when it saves
@@ -106,18 +111,19 @@ def run(fabric: Fabric, name: str, config: str, out: Path) -> None:
     (pids / f"rank{fabric.global_rank}-{os.getpid()}").write_text(str(os.getpid()))
     train(fabric, name, config, out)
     fabric.barrier()
+    EXIT_RECORD.update(out=out, rank=fabric.global_rank)
     if hasattr(fabric.strategy, "gradient_path"):
         fabric.strategy.teardown()  # the next run's strategy starts its own watchdog
-    if name.endswith("_spawn"):  # this spawned process ends with this run
-        shut_down()
 
 
-def shut_down() -> None:
-    """End as a distributed script should: destroy the process groups before the interpreter exits. Left to
-    exit-time destructors, gloo's threads occasionally abort the process ("terminate called without an
-    active exception", SIGABRT: seen once in CI here, and why Lightning marks its own DDP tests flaky)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def record_groups_at_exit() -> None:
+    if EXIT_RECORD:  # a process that trained (not the spawn launcher's parent)
+        out, rank = EXIT_RECORD["out"], EXIT_RECORD["rank"]
+        (out / f"exit-rank{rank}.json").write_text(json.dumps({"groups_alive": dist.is_initialized()}))
+
+
+EXIT_RECORD: dict = {}
+atexit.register(record_groups_at_exit)  # at import, before any strategy's handler: so it runs after them
 
 
 def main() -> None:
@@ -140,7 +146,8 @@ def main() -> None:
         if not fabric._launched:  # under `fabric run`, or a later run: the ranks exist already
             fabric.launch()
         run(fabric, name, config, args.out)
-    shut_down()
+    if any(not entry.startswith("firecaffe") for entry in args.runs):
+        end_process_groups()
 
 
 if __name__ == "__main__":

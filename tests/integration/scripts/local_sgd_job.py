@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_firecaffe import FireCaffeStrategy
 from lightning_firecaffe.callbacks import LargeBatchScaling
+from lightning_firecaffe.process_groups import end_process_groups
 
 
 class Tiny(LightningModule):
@@ -81,6 +82,7 @@ def main() -> int:
         enable_model_summary=False,
     )
     trainer.fit(Tiny(), ckpt_path=args.resume)
+    end_process_groups()
     return 0
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_firecaffe  # noqa: F401  (registers strategy="firecaffe")
 from lightning_firecaffe import FireCaffeStrategy
+from lightning_firecaffe.process_groups import end_process_groups
 
 
 class Tiny(LightningModule):
@@ -154,6 +155,7 @@ def main(argv=None):
     trainer.fit(model, ckpt_path=args.resume)
     if trainer.global_rank == 0:
         torch.save(model.state_dict(), out / "weights.pt")
+    end_process_groups()
     return 0
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_firecaffe  # noqa: F401  (registers strategy="firecaffe")
+from lightning_firecaffe.process_groups import end_process_groups
 
 
 class Tiny(LightningModule):
@@ -91,4 +92,5 @@ def train(out_dir: str, devices: int, num_nodes: int, max_steps: int, strategy: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(facts, indent=1))
+    end_process_groups()
     return facts
