@@ -48,7 +48,7 @@ def _in_multirun() -> bool:
 
 
 class _JobIsolation:
-    """A job that ran ends its process group (:func:`end_process_groups`: gloo may abort the process at exit
+    """A job that succeeded ends its process group (:func:`end_process_groups`: gloo may abort the process at exit
     otherwise). Under ``-m`` the basic launcher runs the jobs one after another in this process: undo what
     a job's launch left behind (``sys.argv``, ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT``..., the process
     group, even after a failure), or the next job's Trainer would think its processes are created externally
