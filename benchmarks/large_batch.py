@@ -134,11 +134,14 @@ def main(argv: list[str] | None = None) -> None:
 
     train, test = load_digits_split()
     big = args.ref_batch * args.factor
-    configs = [
-        ("small", args.ref_batch, "none", 0.0),
-        (f"{args.rule}+warmup", big, args.rule, args.warmup),
-        ("none", big, "none", 0.0),
-    ]
+    every = {
+        "small": ("small", args.ref_batch, "none", 0.0),
+        "scaled": (f"{args.rule}+warmup", big, args.rule, args.warmup),
+        "none": ("none", big, "none", 0.0),
+    }
+    asked = list(dict.fromkeys(c for c in args.configs.split(",") if c))
+    if not asked or any(c not in every for c in asked):
+        raise SystemExit(f"--configs: choose from {', '.join(every)}")
     print(
         f"digits: {len(train[1])} train / {len(test[1])} test images; {args.epochs} epochs; "
         f"reference batch {args.ref_batch} at LR {args.base_lr:g}; large batch {big} ({args.factor}x)"
@@ -146,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     wires = [w for w in args.wires.split(",") if w]
     if any(w not in WIRES for w in wires) or (args.devices == 1 and wires != ["fp32"]):
         raise SystemExit(f"--wires: choose from {', '.join(WIRES)} (anything but fp32 needs --devices >= 2)")
-    chosen = {"small": 0, "scaled": 1, "none": 2}
-    configs = [configs[chosen[c]] for c in args.configs.split(",") if c]
+    configs = [every[c] for c in asked]
     results: dict[tuple[str, str], list[float]] = {}
     for name, batch, rule, warmup in configs:
         for wire in wires:
@@ -164,10 +166,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"{', '.join(f'{a:.2f}' for a in accs)}; {time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
-    for wire in wires if len(configs) == 3 else []:
-        small, scaled, none = (statistics.mean(results[c[0], wire]) for c in configs)
+    for wire in wires if set(asked) == set(every) else []:
+        small, scaled, none = (statistics.mean(results[every[c][0], wire]) for c in ("small", "scaled", "none"))
         print(
-            f"[{wire}] {configs[1][0]} - small = {scaled - small:+.2f} points; none - small = {none - small:+.2f} points"
+            f"[{wire}] {every['scaled'][0]} - small = {scaled - small:+.2f} points; "
+            f"none - small = {none - small:+.2f} points"
         )
     for wire in wires[1:]:
         gaps = [statistics.mean(results[c[0], wire]) - statistics.mean(results[c[0], wires[0]]) for c in configs]

@@ -27,7 +27,6 @@ def worker(args) -> int:
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_firecaffe import FireCaffeStrategy
-    from lightning_firecaffe.process_groups import end_process_groups
 
     class Net(LightningModule):
         def __init__(self):
@@ -84,7 +83,6 @@ def worker(args) -> int:
                 }
             )
         )
-    end_process_groups()
     return 0
 
 

@@ -10,7 +10,6 @@ variable, threads, launched ranks). The strategies only decide *when* to call it
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -392,9 +391,7 @@ class GradientPath:
             if state.lockstep:
                 average()
             else:
-                done: concurrent.futures.Future = concurrent.futures.Future()
-                state.worker.submit(lambda: _run_into(average, done))
-                done.result()  # every wait inside has the stall deadline
+                state.worker.run(average)
         except PeerStallError as exc:
             error = self.explain_failure(
                 reword(exc, rank, step, self.stall_timeout), "averaging parameters", rank=rank, step=step
@@ -493,15 +490,6 @@ class GradientPath:
         if self.gloo_interface is not None:
             self.gloo_interface.restore()
             self.gloo_interface = None
-
-
-def _run_into(job: Callable[[], None], done: concurrent.futures.Future) -> None:
-    try:
-        job()
-    except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
-        done.set_exception(exc)
-    else:
-        done.set_result(None)
 
 
 __all__ = ["CHECKPOINT_KEY", "GradientPath", "model_layout", "options_from"]

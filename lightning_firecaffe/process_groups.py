@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import atexit
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import torch.distributed as dist
 
@@ -23,6 +25,17 @@ def end_process_groups() -> None:
     """Destroy the process groups, if any: how a distributed script should end after a run that succeeded."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def release_groups(groups: Iterable[Any]) -> None:
+    """Destroy the subgroups a component created (its own, at its teardown), skipping those already gone
+    (after a failure, or once the default group was destroyed)."""
+    for group in groups:
+        if group is not None and dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # noqa: BLE001 - already released: nothing to do
+                pass
 
 
 class _AtExit:

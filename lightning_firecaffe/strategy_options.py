@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .comm.compression import CHOICES, WIRE_FORMATS, WireFormat, wire_format
+from .comm.compression import CHOICES, WireFormat, wire_format
 from .comm.cost_model import LinkModel
 from .comm.low_rank import LowRankConfig
 from .comm.schedules import algorithm_names, get_algorithm
@@ -28,6 +28,12 @@ LOW_RANK_OPTIONS = {
     "powersgd_wire": None,
 }
 TRAINER_ONLY = ("model_averaging_period", "averaging_start_step", "averaging_wire")  # local SGD: see fabric.py
+
+
+def _require_bf16_wire(option: str, wire: str | None, why_not_fp16: str) -> None:
+    """A wire for values with no scale of their own (PowerSGD's factors, local SGD's deltas): None or bf16."""
+    require(wire != "fp16", OWNER, option, wire, why_not_fp16)
+    require(wire in (None, "bf16"), OWNER, option, wire, "must be None or 'bf16'")
 
 
 @dataclass(frozen=True)
@@ -120,16 +126,12 @@ class FireCaffeOptions:
         require(start_ok, OWNER, "powersgd_start_step", start, "must be an integer number of optimizer steps >= 0")
         rate_ok = rate is None or (is_number(rate) and rate > 0)
         require(rate_ok, OWNER, "powersgd_min_compression_rate", rate, "must be a positive, finite number")
-        wire = self.powersgd_wire
-        require(
-            wire != "fp16",
-            OWNER,
+        _require_bf16_wire(
             "powersgd_wire",
-            wire,
+            self.powersgd_wire,
             "cannot be 'fp16': its narrow range needs a dynamic scale, which the P and Q factors (Q's entries are "
             "unbounded) do not carry; use 'bf16' (fp32's range)",
         )
-        require(wire is None or wire in WIRE_FORMATS, OWNER, "powersgd_wire", wire, "must be None or 'bf16'")
 
     def _check_watchdog(self) -> None:
         timeout = self.stall_timeout
@@ -158,15 +160,12 @@ class FireCaffeOptions:
             start,
             "must be an integer >= 1 (DDP rebuilds its buckets after the first step, which must synchronise)",
         )
-        require(
-            wire != "fp16",
-            OWNER,
+        _require_bf16_wire(
             "averaging_wire",
             wire,
             "is not supported: a parameter average sends the (small) change since the last average, which fp16's "
             "5-bit exponent flushes towards zero; use 'bf16' (fp32's range) or None",
         )
-        require(wire in (None, "bf16"), OWNER, "averaging_wire", wire, "must be None (the parameters' dtype) or 'bf16'")
         require(
             wire is None or period is not None,
             OWNER,

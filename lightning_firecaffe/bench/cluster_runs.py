@@ -47,11 +47,9 @@ def launch_on_cluster(
     cluster, argv: list[str], lightning: bool, tmp: Path
 ) -> tuple[list[subprocess.Popen], list[Path]]:
     """One rank per host (Lightning sees num_nodes=hosts, devices=1); stderr of rank r in ``tmp/stderr{r}``."""
-    from ..testing.ranks import free_port
-
     world = cluster.world_size
     argv = [sys.executable, *argv] + (["--devices", "1", "--num-nodes", str(world)] if lightning else [])
-    port = free_port()
+    port = cluster.next_master_port()
     procs, errs = [], []
     for rank in range(world):
         errs.append(tmp / f"stderr{rank}")

@@ -65,14 +65,13 @@ def comm_time(algorithm: str, gradient_bytes: int, gpus: int, link: LinkModel, *
 
 
 def plan_point(workload: Workload, algorithm: str, gpus: int, batch_per_gpu: int, link: LinkModel, **kw) -> Prediction:
-    compute = batch_per_gpu * workload.seconds_per_image
     comm = comm_time(algorithm, workload.gradient_bytes, gpus, link, **kw) if gpus > 1 else 0.0
-    backward = BACKWARD_SHARE * compute
-    overlapped = (compute - backward) + max(backward, comm)
-    return Prediction(algorithm, gpus, batch_per_gpu, comm, compute, overlapped, compute + comm)
+    return _point(algorithm, workload, gpus, batch_per_gpu, comm, overlappable=True)
 
 
 def _point(name: str, workload: Workload, gpus: int, batch: int, comm: float, overlappable: bool) -> Prediction:
+    """A step of ``batch`` images per GPU and ``comm`` seconds of communication, which may hide behind
+    backward (``overlappable``) or not (an average after the optimizer step)."""
     compute = batch * workload.seconds_per_image
     comm = comm if gpus > 1 else 0.0
     backward = BACKWARD_SHARE * compute

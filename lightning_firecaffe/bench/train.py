@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -90,10 +89,9 @@ def _row_argv(args: argparse.Namespace, row: Row, out: Path, progress: Path) -> 
 
 def _launch_local(argv: list[str], row: Row, world: int, tmp: Path) -> tuple[list[subprocess.Popen], list[Path]]:
     """Lightning rows: the Trainer starts the other ranks; torch rows: one process per rank, env://."""
-    from ..testing.ranks import free_port
+    from ..testing.ranks import child_environment, free_port
 
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    env = child_environment()
     if row.worker == LIGHTNING:
         ranks = [({}, [*argv, "--devices", str(world)])]
     else:
@@ -147,7 +145,7 @@ def run_row(args: argparse.Namespace, row: Row) -> Outcome:
 
 def step_seconds(row: Row, result: dict) -> float:
     """The median step, or for a row that does extra work every H steps the mean (over the timed steps)."""
-    return result.get("step_mean_s", result["step_s"]) if row.periodic else result["step_s"]
+    return result["step_mean_s"] if row.periodic else result["step_s"]
 
 
 def format_table(rows: list[Row], outcomes: list[Outcome], batch: int) -> list[str]:

@@ -65,9 +65,11 @@ ROWS: dict[str, Row] = {
 
 
 def firecaffe_row(algorithm: str, compression: str | None = None) -> Row:
-    """The classic rows: strategy=firecaffe with one algorithm (``auto:measure`` included)."""
+    """The classic rows: strategy=firecaffe with one algorithm (``auto:measure``: auto with measured links)."""
     name = f"firecaffe:{algorithm}" + (f"+{compression}" if compression else "")
-    options = {"algorithm": algorithm} | ({"compression": compression} if compression else {})
+    name_of_algorithm, _, link = algorithm.partition(":")
+    options = {"algorithm": name_of_algorithm} | ({"link": link} if link else {})
+    options |= {"compression": compression} if compression else {}
     return Row(name, LIGHTNING, "firecaffe", MappingProxyType(options))
 
 

@@ -109,14 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     seed_everything(0)
-    algorithm, _, link = args.algorithm.partition(":")  # "auto:measure" = auto with measured links
     extra = json.loads(args.strategy_kwargs)
     strategy = (
         "ddp"
         if args.strategy == "ddp"
-        else FireCaffeStrategy(
-            **{"algorithm": algorithm, "link": link or None, "compression": args.compression, **extra}
-        )
+        else FireCaffeStrategy(**{"algorithm": args.algorithm, "compression": args.compression, **extra})
     )
     timer = StepTimer(args.warmup, Progress(args.progress))
     trainer = Trainer(

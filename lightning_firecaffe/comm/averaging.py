@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PeerStallError, peer_error
+from ..process_groups import release_groups
 from .cost_model import best_algorithm
 from .hook import FireCaffeHookState, ScheduleSelector, firecaffe_hook
 from .schedules import auto_candidates, get_algorithm
@@ -166,12 +167,7 @@ class LocalSGDHookState:
         return dict(self.__dict__, node_group=None, node_groups=[])
 
     def close(self) -> None:
-        for group in self.node_groups:
-            if dist.is_initialized():
-                try:
-                    dist.destroy_process_group(group)
-                except Exception:  # noqa: BLE001 - already gone (after a failure)
-                    pass
+        release_groups(self.node_groups)
         self.node_groups, self.node_group = [], None
 
 

@@ -18,6 +18,7 @@ Future's exception, and the strategy re-raises this one).
 (No ``from __future__ import annotations`` here: DDP checks the hook's annotations at registration.)
 """
 
+import concurrent.futures
 import enum
 import logging
 import os
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PeerStallError, peer_error
+from ..process_groups import release_groups
 from ..transport import Transport
 from .compression import BucketLayout, GradientCompression, round_for_wire
 from .cost_model import LinkModel, best_algorithm
@@ -151,6 +153,22 @@ class _FifoWorker:
     def submit(self, job: Callable[[], None]) -> None:
         self._jobs.put(job)
 
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` after the jobs already queued and wait for it; its exception is raised here.
+        No deadline of its own: every wait inside a job has the stall deadline."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run_into() -> None:
+            try:
+                job()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the waiting thread
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        self._jobs.put(run_into)
+        done.result()
+
     def stop(self, timeout: float = 10.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout)
@@ -221,12 +239,7 @@ class FireCaffeHookState:
                 self._worker.stop()
             if self._executor is not None:
                 self._executor.close()
-            for group in (self.group, self.group_reverse, self.group_collective):
-                if group is not None and dist.is_initialized():
-                    try:
-                        dist.destroy_process_group(group)
-                    except Exception:  # noqa: BLE001 - already gone (after a failure): nothing to release
-                        pass
+            release_groups((self.group, self.group_reverse, self.group_collective))
         self._worker = self._executor = None
         self.group = self.group_reverse = self.group_collective = None
 

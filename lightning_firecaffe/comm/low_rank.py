@@ -28,7 +28,6 @@ for them, which sums to zero over the ranks and so never changes an average).
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -131,7 +130,7 @@ class LowRankBucket:
         self.uncompressed: list[torch.Tensor] = []  # views into buffer
         offset = 0
         for name, shape in shapes:
-            numel = math.prod(shape) if len(shape) else 1
+            numel = sizes.numel(shape)
             view = buffer[offset : offset + numel]
             offset += numel
             r = compressed_rank(shape, state.config)

@@ -106,6 +106,7 @@ def test_three_ranks_local_steps_differ_averages_agree_start_equals_ddp():
             if s < start:  # the start period: the gradient path as without local SGD, bitwise
                 synced = key.split("_")[0] + "_sync"
                 assert all(np.array_equal(results[r][key][0][s], results[r][synced][s]) for r in range(3)), (key, s)
+                assert all(np.allclose(results[r][key][0][s], ddp[r][s], rtol=1e-5, atol=1e-6) for r in range(3))
                 assert agree, (key, s)
             elif s in averaged:
                 assert agree, f"{key}: replicas differ after the average of step {s}"

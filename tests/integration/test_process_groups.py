@@ -28,4 +28,6 @@ def _groups_alive_after_exit_handler(rank: int, world_size: int, how_it_ended: s
     ("how_it_ended", "alive"), [("succeeded", False), ("training failed", True), ("uncaught exception", True)]
 )
 def test_groups_are_ended_at_exit_only_after_success(how_it_ended, alive):
-    assert first_result(run_ranks(_groups_alive_after_exit_handler, 2, how_it_ended)) is alive
+    results = run_ranks(_groups_alive_after_exit_handler, 2, how_it_ended)
+    first_result(results)  # raises, showing every failed rank, unless both ran
+    assert [value for _, value in results.values()] == [alive, alive]

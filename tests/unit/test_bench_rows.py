@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lightning_firecaffe.bench.row_watch import Outcome, error_line
-from lightning_firecaffe.bench.train_rows import ROWS, select_rows, unavailable
+from lightning_firecaffe.bench.train_rows import ROWS, firecaffe_row, select_rows, unavailable
 
 
 def test_default_rows_then_named_ones_each_once():
@@ -29,6 +29,15 @@ def test_rows_become_worker_arguments():
         "powersgd_start_step": 2,
     }
     assert ROWS["torch-localsgd"].periodic == ROWS["firecaffe-localsgd"].periodic == 8
+
+
+def test_auto_measure_is_auto_with_measured_links_and_runs():
+    """``--algorithms auto:measure`` was once passed through as an algorithm name, which the strategy
+    refuses, so the row was reported "not available" instead of run."""
+    row = firecaffe_row("auto:measure", "bf16")
+    assert dict(row.options) == {"algorithm": "auto", "link": "measure", "compression": "bf16"}
+    assert row.name == "firecaffe:auto:measure+bf16"
+    assert unavailable(row) is None
 
 
 def test_a_mode_the_strategy_lacks_is_not_available_instead_of_crashing():

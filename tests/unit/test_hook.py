@@ -16,6 +16,7 @@ from lightning_firecaffe.comm.hook import (
     FireCaffeHookState,
     Route,
     ScheduleSelector,
+    _FifoWorker,
     firecaffe_hook,
     route_for,
 )
@@ -255,3 +256,22 @@ def test_auto_tunes_through_the_hook_and_settles_every_rank_alike(inline_worker)
     assert tuner.choice(nbytes) is not None and not state.selector.tuning
     assert [a for _, a, _ in state.executor.ran] == list(tuner.candidates_for(nbytes))
     assert state.stats.tuning and state.stats.tuning[0]["algorithm"] == tuner.choice(nbytes)
+
+
+def test_the_worker_runs_a_job_after_those_queued_and_raises_its_error_in_the_caller():
+    """Local SGD's average waits on the hook's worker: after any bucket still queued, its error surfaced."""
+    worker, done = _FifoWorker(), []
+    try:
+        worker.submit(lambda: done.append("bucket"))
+        worker.run(lambda: done.append("average"))
+        assert done == ["bucket", "average"]
+
+        def fails() -> None:
+            raise PeerStallError("rank 1 is not answering", [1])
+
+        with pytest.raises(PeerStallError, match="rank 1 is not answering"):
+            worker.run(fails)
+        worker.run(lambda: done.append("still running"))  # a failed job does not stop the worker
+        assert done[-1] == "still running"
+    finally:
+        worker.stop()

@@ -47,7 +47,7 @@ def test_an_average_is_the_anchor_plus_the_mean_delta_and_the_same_bits_everywhe
     the same bits on every rank). The anchor moves to the average; a second average starts from it."""
     torch.manual_seed(0)
     start = torch.randn(10)
-    replicas = [[start.clone().requires_grad_(False)] for _ in range(3)]
+    replicas = [[start.clone()] for _ in range(3)]
     averagers = [ParameterAverager(r, world_size=3) for r in replicas]
     for a in averagers:
         a.capture()
@@ -55,8 +55,10 @@ def test_an_average_is_the_anchor_plus_the_mean_delta_and_the_same_bits_everywhe
         params[0].add_(torch.randn(10, generator=torch.Generator().manual_seed(r)))
     deltas = [flatten(a.params).sub(a.anchor).div(3) for a in averagers]
     total = sum(deltas)
+    sent = []  # what each replica hands the all-reduce: its own mean delta
     for a in averagers:
-        a.average(lambda flat: flat.copy_(total))
+        a.average(lambda flat: (sent.append(flat.clone()), flat.copy_(total)))
+    assert all(torch.equal(s, d) for s, d in zip(sent, deltas, strict=True))
     assert all(torch.equal(replicas[0][0], r[0]) for r in replicas[1:])
     assert torch.equal(replicas[0][0], start + total)
     assert all(torch.equal(a.anchor, replicas[0][0]) and a.averages == 1 for a in averagers)

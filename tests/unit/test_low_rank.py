@@ -79,6 +79,7 @@ def test_state_round_trips_and_q_is_the_same_on_every_rank():
     restored = LowRankState(config)
     restored.load_state_dict(states[1].state_dict())
     assert restored.qs.keys() == states[1].qs.keys()
+    assert all(torch.equal(restored.qs[k], v) for k, v in states[1].qs.items())
     assert all(torch.equal(restored.residuals[k], v) for k, v in states[1].residuals.items())
 
 

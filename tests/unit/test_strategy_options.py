@@ -52,11 +52,7 @@ from lightning_firecaffe import FireCaffeStrategy, InvalidOption, algorithm_name
         ({"model_averaging_period": 2.0}, "model_averaging_period", "integer >= 1"),
         ({"model_averaging_period": 4, "averaging_start_step": 0}, "averaging_start_step", "integer >= 1"),
         ({"model_averaging_period": 4, "averaging_wire": "fp16"}, "averaging_wire", "use 'bf16'"),
-        (
-            {"model_averaging_period": 4, "averaging_wire": "int8"},
-            "averaging_wire",
-            "None (the parameters' dtype) or 'bf16'",
-        ),
+        ({"model_averaging_period": 4, "averaging_wire": "int8"}, "averaging_wire", "None or 'bf16'"),
         ({"averaging_wire": "bf16"}, "averaging_wire", "without model_averaging_period"),
         ({"model_averaging_period": 4, "compression": "bf16"}, "compression", "cannot be combined"),
     ],

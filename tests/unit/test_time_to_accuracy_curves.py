@@ -124,5 +124,14 @@ def test_the_default_comparison_has_every_row_the_benchmark_promises():
     # ddp at a multiple differs from firecaffe's row only by the strategy
     assert set(rows["ddp_8x"]) - set(rows["firecaffe_8x"]) == {"strategy=ddp"}
     pairs = same_batch_rows(default_configurations(32))
-    assert pairs["firecaffe_16x_bf16"] == "ddp_16x" and pairs["firecaffe"] == "ddp"
-    assert pairs["firecaffe_4x_powersgd"] == "ddp_4x"
+    assert pairs == {
+        "firecaffe": "ddp",
+        "firecaffe_4x": "ddp_4x",
+        "firecaffe_4x_bf16": "ddp_4x",
+        "firecaffe_8x": "ddp_8x",
+        "firecaffe_8x_bf16": "ddp_8x",
+        "firecaffe_16x": "ddp_16x",
+        "firecaffe_16x_bf16": "ddp_16x",
+        "firecaffe_4x_powersgd": "ddp_4x",
+        "firecaffe_4x_localsgd": "ddp_4x",
+    }

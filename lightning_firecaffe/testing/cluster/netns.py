@@ -623,6 +623,14 @@ class EmulatedCluster:
             "FIRECAFFE_CLUSTER_RUN_ID": self.run_id,
         }
 
+    def next_master_port(self) -> int:
+        """A MASTER_PORT for the next run, turning over 29500-29999: inside the namespaces the host's free
+        ports mean nothing, and a fresh port per run keeps a run clear of the last one's closing sockets."""
+        port, self._next_port = self._next_port, self._next_port + 1
+        if self._next_port > 29999:
+            self._next_port = 29500
+        return port
+
     def run(
         self,
         target: Callable | str | Sequence[str],
@@ -662,9 +670,7 @@ class EmulatedCluster:
         if not 1 <= world_size <= self.world_size:
             raise ValueError(f"world_size must be in 1..{self.world_size}, got {world_size}")
         if master_port is None:
-            master_port, self._next_port = self._next_port, self._next_port + 1
-            if self._next_port > 29999:
-                self._next_port = 29500
+            master_port = self.next_master_port()
         is_command = not callable(target) and not isinstance(target, str)
         spec = None if is_command else _target_spec(target)  # validate before starting anything
 

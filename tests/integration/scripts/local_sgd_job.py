@@ -1,8 +1,8 @@
 """One rank of a Trainer run with local SGD on emulated nodes (one CPU rank per "node", launched
 externally: the test sets NODE_RANK, LOCAL_RANK=0, WORLD_SIZE per process).
 
-Every rank writes its weights after every optimizer step (``weights-rank<r>.pt``: global step -> flat
-weights) and rank 0 the end-of-fit summary. Gradient accumulation 2 and LargeBatchScaling (warm-up and
+Every rank writes its weights and learning rate after every optimizer step (``weights-rank<r>.pt``:
+global step -> flat weights; ``lr-rank<r>.json``: global step -> LR) and rank 0 the end-of-fit summary. Gradient accumulation 2 and LargeBatchScaling (warm-up and
 decay) are on, to show that the period counts optimizer steps and that the callback composes.
 """
 
@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_firecaffe import FireCaffeStrategy
 from lightning_firecaffe.callbacks import LargeBatchScaling
-from lightning_firecaffe.process_groups import end_process_groups
 
 
 class Tiny(LightningModule):
@@ -41,14 +40,16 @@ class Tiny(LightningModule):
 
 class Weights(Callback):
     def __init__(self, out: Path):
-        self.out, self.weights = out, {}
+        self.out, self.weights, self.lrs = out, {}, {}
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).clone()
         self.weights[trainer.global_step] = flat
+        self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_end(self, trainer, pl_module):
         torch.save(self.weights, self.out / f"weights-rank{trainer.global_rank}.pt")
+        (self.out / f"lr-rank{trainer.global_rank}.json").write_text(json.dumps(self.lrs))
         if trainer.global_rank == 0:
             summary = trainer.strategy.comm_stats.summary(trainer.strategy.algorithm)
             (self.out / "facts.json").write_text(json.dumps({"summary": summary}))
@@ -82,7 +83,6 @@ def main() -> int:
         enable_model_summary=False,
     )
     trainer.fit(Tiny(), ckpt_path=args.resume)
-    end_process_groups()
     return 0
 
 

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_firecaffe  # noqa: F401
 from lightning_firecaffe import FireCaffeStrategy
-from lightning_firecaffe.process_groups import end_process_groups
 
 FAULTS = ("none", "validation", "dataloader", "sigstop", "hook_raises", "dies", "slow")
 args = None  # parsed in main(); the module's classes read it in every rank
@@ -214,7 +213,6 @@ def main() -> int:
             }
         ),
     )
-    end_process_groups()
     return 0
 
 
